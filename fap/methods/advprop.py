@@ -1,0 +1,113 @@
+"""AdvProp (Xie et al., CVPR 2020): paired PGD-K adversarial copies through auxiliary norms.
+
+Every image of the loader batch gets an adversarial copy made by a K-step PGD attack
+toward a random wrong label (targeted, as in Xie's attacker), run through the auxiliary
+norms with running statistics (eval mode) as the PyTorch re-implementations do. Then
+one forward of ``[clean; adversarial]`` with split routing — clean rows through the
+main norms, adversarial rows through the auxiliary ones — and one backward of
+``(Σ_clean ℓ + Σ_adversarial ℓ) / B``, i.e. L(clean) + L(adv) with batch means.
+Cost: K attack passes + 2 training passes per image, (K + 2)× vanilla.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fap.attacks import ADVPROP_RANDOM_INIT_PROB, check_epsilon, pgd
+from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_dual_norm, check_images
+from fap.norm import route, split_route
+
+__all__ = ["AdvProp", "AdvPropConfig"]
+
+
+@dataclass(frozen=True)
+class AdvPropConfig:
+    """Args:
+        epsilon: L∞ budget in 1/255 units (AdvProp uses 1–4 by model size).
+        attack_steps: K, PGD iterations (the original implementation's default is 5).
+        step: step size in 1/255 units; None gives max(1, ε/K) capped at ε.
+        targeted: attack toward a random wrong label (AdvProp); False ascends the true label.
+        random_init_prob: probability of a uniform random start (tensorpack AdvProp: 0.8).
+        attack_bn_mode: ``"eval"`` attacks with the aux norms' running statistics (the
+            re-implementations); ``"train"`` uses batch statistics.
+        dual_norm: adversarial images through auxiliary norms; False = shared norms.
+        label_smoothing: on the clean loss (ignored under Mixup).
+        num_classes: needed for targeted attacks; None reads it from the logits.
+    """
+    epsilon: float = 1.0
+    attack_steps: int = 5
+    step: Optional[float] = None
+    targeted: bool = True
+    random_init_prob: float = ADVPROP_RANDOM_INIT_PROB
+    attack_bn_mode: str = "eval"
+    dual_norm: bool = True
+    label_smoothing: float = 0.0
+    num_classes: Optional[int] = None
+
+
+class AdvProp(Method):
+    name = "advprop"
+    config_cls = AdvPropConfig
+
+    def validate(self) -> None:
+        c = self.config
+        check_epsilon(c.epsilon)
+        if c.step is not None:
+            check_epsilon(c.step, "step")
+        if not isinstance(c.attack_steps, int) or c.attack_steps < 1:
+            raise ValueError(f"attack_steps (K) must be an int >= 1, got {c.attack_steps!r}")
+        if c.attack_bn_mode not in ("eval", "train"):
+            raise ValueError(f"attack_bn_mode must be 'eval' or 'train', got {c.attack_bn_mode!r}")
+        if not 0.0 <= c.random_init_prob <= 1.0:
+            raise ValueError(f"random_init_prob must be in [0, 1], got {c.random_init_prob}")
+
+    def cost(self, batch_size: int) -> StepCost:
+        k = self.config.attack_steps
+        return StepCost(forward=k + 1, backward=k + 1,
+                        image_passes=(k + 2) * batch_size, vanilla=batch_size)
+
+    def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, attack_model=None):
+        c = self.config
+        check_images(images, labels)
+        check_dual_norm(model, c.dual_norm, self.name)
+        attacker = attack_model if attack_model is not None else model
+        b = images.shape[0]
+        x_adv = self._attack(attacker, images, labels)
+        x_c, t_c = self._clean_targets(images, labels)
+        with split_route(model, b):
+            logits = model(torch.cat([x_c, x_adv]))
+        loss_clean = ce_sum(logits[:b], t_c, c.label_smoothing)
+        loss_adv = ce_sum(logits[b:], labels)
+        backward((loss_clean + loss_adv) / b)
+        metrics = branch_metrics("clean", loss_clean, logits[:b], t_c)
+        metrics.update(branch_metrics("adversarial", loss_adv, logits[b:], labels))
+        metrics.update(self.cost(b).as_metrics())
+        return metrics
+
+    def _attack(self, attacker, images, labels):
+        c = self.config
+        modes = [(m, m.training) for m in attacker.modules()]
+        if c.attack_bn_mode == "eval":
+            attacker.eval()
+        try:
+            with route(attacker, "aux"):
+                num_classes = c.num_classes
+                if c.targeted and num_classes is None:
+                    num_classes = _num_classes(attacker)
+                return pgd(attacker, images, labels, epsilon=c.epsilon, steps=c.attack_steps,
+                           step=c.step, targeted=c.targeted, num_classes=num_classes,
+                           random_init_prob=c.random_init_prob)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+
+def _num_classes(model) -> int:
+    for m in model.modules():  # timm models carry `num_classes`
+        n = getattr(m, "num_classes", None)
+        if isinstance(n, int) and n > 1:
+            return n
+    raise ValueError("targeted AdvProp needs num_classes; set AdvPropConfig.num_classes")

@@ -1,0 +1,178 @@
+"""What every training method shares: the step interface, losses, metrics, cost.
+
+A method turns ``(model, images, labels)`` into forward and backward passes. It is handed
+``backward`` (the engine binds it to ``accelerator.backward``) and ``no_sync`` (a context
+factory in which forward + backward accumulate gradients locally without communication;
+the engine binds it to DDP's ``no_sync``, or to a no-op when it coalesces the reduction
+itself, as under DeepSpeed). The last backward of a step always runs outside ``no_sync``.
+The caller steps the optimizer once afterwards. Methods know nothing else about the
+engine, Accelerate or precision.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+from typing import Callable, ContextManager, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fap.norm import has_dual_norm
+
+__all__ = [
+    "Method",
+    "StepCost",
+    "ce_sum",
+    "correct",
+    "check_dual_norm",
+]
+
+Backward = Callable[[torch.Tensor], None]
+NoSync = Callable[[], ContextManager]
+MixupFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def ce_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-sample cross-entropy, summed (never averaged: the methods normalise by counts).
+
+    ``targets`` are class indices, or soft targets (Mixup/CutMix) of shape (B, C).
+    """
+    logits = logits.float()
+    if targets.dim() == logits.dim():
+        return torch.sum(-targets.float() * F.log_softmax(logits, dim=-1))
+    return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
+
+
+def correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Number of top-1 hits (soft targets: against their arg-max)."""
+    if targets.dim() == logits.dim():
+        targets = targets.argmax(dim=-1)
+    return (logits.detach().argmax(dim=-1) == targets).sum()
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Image-passes (one image through forward + backward) of one step, vs vanilla.
+
+    ``vanilla`` is what plain training would spend on the same loader batch: one pass
+    per image.
+    """
+    forward: int
+    backward: int
+    image_passes: int
+    vanilla: int
+
+    @property
+    def ratio(self) -> float:
+        return self.image_passes / self.vanilla
+
+    def as_metrics(self) -> Dict[str, float]:
+        return {
+            "forward_passes": self.forward,
+            "backward_passes": self.backward,
+            "image_passes": self.image_passes,
+            "cost_ratio": self.ratio,
+        }
+
+
+def check_dual_norm(model: nn.Module, dual_norm: bool, method: str) -> None:
+    """The method's ``dual_norm`` switch must match how the model was built."""
+    has = has_dual_norm(model)
+    if dual_norm and not has:
+        raise ValueError(
+            f"{method}: dual_norm=True but the model has no auxiliary norms; build it with "
+            "fap.models.create_model(..., dual_norm=True) or set the method's dual_norm=False"
+        )
+    if not dual_norm and has:
+        raise ValueError(
+            f"{method}: dual_norm=False (shared norms) but the model has auxiliary norms; "
+            "build it with create_model(..., dual_norm=False)"
+        )
+
+
+class Method:
+    """Base class: one training method, configured by a dataclass of its switches."""
+
+    name: str = "method"
+    config_cls: type = object
+
+    def __init__(self, config=None, *, mixup_fn: Optional[MixupFn] = None, **overrides):
+        cfg = config if config is not None else self.config_cls()
+        if overrides:
+            valid = {f.name for f in fields(self.config_cls)}
+            unknown = sorted(set(overrides) - valid)
+            if unknown:
+                raise ValueError(
+                    f"{self.name}: unknown option(s) {unknown}; valid: {sorted(valid)}"
+                )
+            cfg = type(cfg)(**{**cfg.__dict__, **overrides})
+        self.config = cfg
+        self.mixup_fn = mixup_fn
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError for inconsistent switches."""
+
+    def cost(self, batch_size: int) -> StepCost:
+        """Forward/backward passes and image-passes of one step on a loader batch."""
+        raise NotImplementedError
+
+    def train_step(
+            self,
+            model: nn.Module,
+            images: torch.Tensor,
+            labels: torch.Tensor,
+            backward: Backward,
+            *,
+            no_sync: NoSync = contextlib.nullcontext,
+            attack_model: Optional[nn.Module] = None,
+    ) -> Dict[str, Union[torch.Tensor, float, int]]:
+        """Run the method's passes on one loader batch and return its metrics.
+
+        Args:
+            model: the (possibly DDP/DeepSpeed-wrapped) model, in train mode, taking
+                [0, 1] fp32 images.
+            images: (B, C, H, W) fp32 in [0, 1].
+            labels: (B,) int64 class indices.
+            backward: ``backward(loss)`` accumulates gradients of ``loss``.
+            no_sync: context factory for passes whose gradients must not be reduced yet.
+            attack_model: the unwrapped module, for passes that only need input
+                gradients (DeepSpeed ZeRO-2 cannot take ``autograd.grad`` through its
+                engine); defaults to ``model``.
+
+        Returns:
+            Per-branch summed losses and hit counts as detached tensors (``loss_<branch>``
+            is the mean, ``correct_<branch>`` / ``count_<branch>`` give accuracy), plus
+            the step cost (`StepCost.as_metrics`).
+        """
+        raise NotImplementedError
+
+    def _clean_targets(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mixup/CutMix on the clean images only (before anything requires grad)."""
+        if self.mixup_fn is None:
+            return x, y
+        if x.shape[0] % 2:
+            raise ValueError(
+                f"Mixup/CutMix needs an even clean batch, got {x.shape[0]}; choose a batch size "
+                "whose clean part (1 - p_adv) * B is even"
+            )
+        return self.mixup_fn(x.clone(), y)
+
+
+def check_images(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}; divide uint8 by 255")
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+
+
+def branch_metrics(prefix: str, loss_sum: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> Dict:
+    n = logits.shape[0]
+    return {
+        f"loss_{prefix}": loss_sum.detach() / n,
+        f"correct_{prefix}": correct(logits, targets),
+        f"count_{prefix}": n,
+    }

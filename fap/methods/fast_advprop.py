@@ -1,0 +1,294 @@
+"""Fast AdvProp (Mei et al., ICLR 2022), with the reference code's exact step semantics.
+
+A loader batch of B images is split into two disjoint parts: the first
+``B_c = B - B_a`` images are clean, the last ``B_a = round(p_adv · B)`` form the
+adversarial split. One step = K + 2 passes, one optimizer step:
+
+1. clean: the clean part through the main norms, loss weight 1;
+2. noisy: ``x_a + δ0`` through the auxiliary norms in train mode (batch statistics),
+   loss weight β. Its single backward yields both the input gradient for the FGSM step
+   and weight gradients that are kept (the "free" reuse). With K > 1 this repeats from
+   the current adversarial point, each time adding a β-weighted term;
+3. adversarial: ``x_adv = clip(x_a + δ0 + step·sign(∇x), x_a ± ε) ∩ [0, 1]``, regrouped
+   across BN groups (Shuffling BN), through the auxiliary norms, loss weight β.
+
+Losses are per-sample sums, normalised per parameter group (the paper's "synchronised
+update speed"): shared parameters by the total weight ``B_c + β·B_a·(K+1)`` (= B_c + B_a
+for β = 0.5, K = 1, i.e. an 80/10/10 mix of split means at p_adv = 0.2), main-norm
+affine parameters by ``B_c``, aux-norm affine parameters by ``β·B_a·(K+1)``. The
+normalisation is done inside autograd (a loss factor plus `fap.norm.set_grad_scale`),
+never by editing ``param.grad``, so it is exact under DDP and DeepSpeed ZeRO.
+
+``fused=True`` runs the clean and the first noisy pass as one forward/backward with split
+routing (first B_c rows main, rest aux); the gradients are the same as the three-pass form.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from fap.attacks import check_epsilon, random_start, sign_step
+from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_dual_norm, check_images
+from fap.norm import dual_norm_modules, route, set_grad_scale, split_route
+
+__all__ = [
+    "FastAdvProp",
+    "FastAdvPropConfig",
+    "budget_matched",
+    "split_sizes",
+    "group_changing_permutation",
+]
+
+
+@dataclass(frozen=True)
+class FastAdvPropConfig:
+    """Every switch of the paper's ablations.
+
+    Args:
+        p_adv: fraction of the loader batch used for the adversarial split (0.2).
+        epsilon: L∞ budget in 1/255 units (1.0).
+        step: FGSM step in 1/255 units; None = ε (the paper's step = ε).
+        attack_steps: K, attack iterations (1; the budget formula assumes K = 1).
+        beta: loss weight of the noisy and adversarial passes (0.5, "same importance").
+        random_init_prob: probability of the random start δ0 ~ U(-ε, ε): 1.0 as in the
+            paper's Algorithm 1; the reference code's effective value is 0.42.
+        random_init_per: draw the random-start coin per ``"sample"`` or per ``"batch"``
+            (the reference code draws one per batch).
+        reuse: keep the noisy pass's weight gradients (the "free" part). False computes
+            the attack gradient only.
+        per_group_normalization: normalise shared / main-norm / aux-norm gradients by
+            their own counts ("synchronisation"); False divides all by the shared count.
+        shuffle: Shuffling BN: regroup the adversarial images across BN groups (ranks,
+            and ghost groups of ``aux_group_size``) between the noisy and adversarial pass.
+        dual_norm: adversarial images through auxiliary norms; False = shared norms
+            (plain adversarial training on the adversarial split).
+        fused: run the clean and first noisy pass as one forward/backward.
+        label_smoothing: on the clean loss (ignored under Mixup).
+    """
+    p_adv: float = 0.2
+    epsilon: float = 1.0
+    step: Optional[float] = None
+    attack_steps: int = 1
+    beta: float = 0.5
+    random_init_prob: float = 1.0
+    random_init_per: str = "sample"
+    reuse: bool = True
+    per_group_normalization: bool = True
+    shuffle: bool = True
+    dual_norm: bool = True
+    fused: bool = False
+    label_smoothing: float = 0.0
+
+
+def split_sizes(batch_size: int, p_adv: float) -> Tuple[int, int]:
+    """``(B_c, B_a)`` for a loader batch: B_a = round(p_adv · B), both at least 1."""
+    b_a = int(round(p_adv * batch_size))
+    b_c = batch_size - b_a
+    if b_a < 1 or b_c < 1:
+        raise ValueError(
+            f"a batch of {batch_size} cannot be split with p_adv={p_adv}: it gives "
+            f"{b_c} clean and {b_a} adversarial images; use a batch of at least "
+            f"{math.ceil(1 / min(p_adv, 1 - p_adv))} images"
+        )
+    return b_c, b_a
+
+
+def budget_matched(
+        epochs: int, milestones: Sequence[int] = (), *, p_adv: float = 0.2, attack_steps: int = 1
+) -> Tuple[int, List[int]]:
+    """Epochs and LR milestones divided by ``1 + p_adv·K`` (Mei et al., Sec. 4.1).
+
+    Rounded down, as the reference code's float arithmetic does: 105 → 87 and
+    [30, 60, 90, 100] → [25, 50, 75, 83] for p_adv = 0.2, K = 1.
+    """
+    scale = 1.0 + p_adv * attack_steps
+    f = lambda e: max(1, int(math.floor(e / scale + 1e-9)))  # noqa: E731
+    return f(epochs), [f(m) for m in milestones]
+
+
+def group_changing_permutation(
+        num_groups: int, group_size: int, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """A permutation ``P`` of ``num_groups·group_size`` positions (``x_new = x[P]``)
+    that moves every sample to a different group of ``group_size`` consecutive positions.
+
+    Each sample's slot within its group is shuffled, then slot ``j`` of group ``a`` goes
+    to group ``(a + 1 + j mod (G-1)) mod G``: a bijection in which no sample stays in its
+    group and each new group mixes samples of up to G-1 old groups.
+    """
+    g, n = num_groups, group_size
+    if g < 2:
+        raise ValueError("need at least two BN groups to change a sample's group")
+    src = torch.stack([torch.randperm(n, generator=generator) + a * n for a in range(g)])  # (G, n)
+    perm = torch.empty(g * n, dtype=torch.long)
+    for a in range(g):
+        for j in range(n):
+            b = (a + 1 + j % (g - 1)) % g
+            perm[b * n + j] = src[a, j]
+    # Shuffle slots inside each new group too (keeps group membership).
+    within = torch.stack([torch.randperm(n, generator=generator) + b * n for b in range(g)]).flatten()
+    return perm[within]
+
+
+class FastAdvProp(Method):
+    name = "fast_advprop"
+    config_cls = FastAdvPropConfig
+    _warned_noop_shuffle = False
+
+    def validate(self) -> None:
+        c = self.config
+        if not 0.0 < c.p_adv < 1.0:
+            raise ValueError(f"p_adv must be in (0, 1), got {c.p_adv}")
+        check_epsilon(c.epsilon)
+        if c.step is not None:
+            check_epsilon(c.step, "step")
+        if not isinstance(c.attack_steps, int) or c.attack_steps < 1:
+            raise ValueError(f"attack_steps (K) must be an int >= 1, got {c.attack_steps!r}")
+        if not c.beta > 0:
+            raise ValueError(f"beta must be > 0 (the attack gradient comes from the β-weighted loss), got {c.beta}")
+        if not 0.0 <= c.random_init_prob <= 1.0:
+            raise ValueError(f"random_init_prob must be in [0, 1], got {c.random_init_prob}")
+        if c.random_init_per not in ("sample", "batch"):
+            raise ValueError(f"random_init_per must be 'sample' or 'batch', got {c.random_init_per!r}")
+        if c.fused and not c.dual_norm:
+            raise ValueError("fused=True needs dual_norm=True: with shared BatchNorm the fused "
+                             "pass would mix clean and noisy batch statistics")
+        if c.fused and not c.reuse:
+            raise ValueError("fused=True needs reuse=True: the fused backward trains on the noisy pass")
+
+    # -- bookkeeping -----------------------------------------------------------------
+    def weights(self, b_c: int, b_a: int) -> Dict[str, float]:
+        """Total loss weight per parameter group (the reference code's counters)."""
+        c = self.config
+        aux = c.beta * b_a * ((c.attack_steps if c.reuse else 0) + 1)
+        return {"main": float(b_c), "aux": float(aux), "shared": float(b_c + aux)}
+
+    def cost(self, batch_size: int) -> StepCost:
+        c = self.config
+        b_c, b_a = split_sizes(batch_size, c.p_adv)
+        k = c.attack_steps
+        passes = k + 2 - (1 if c.fused else 0)
+        return StepCost(forward=passes, backward=passes,
+                        image_passes=b_c + b_a * (k + 1), vanilla=batch_size)
+
+    # -- the step --------------------------------------------------------------------
+    def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, attack_model=None):
+        c = self.config
+        check_images(images, labels)
+        check_dual_norm(model, c.dual_norm, self.name)
+        b = images.shape[0]
+        b_c, b_a = split_sizes(b, c.p_adv)
+        w = self.weights(b_c, b_a)
+        k = 1.0 / w["shared"]
+        if c.per_group_normalization:
+            set_grad_scale(model, main=w["shared"] / w["main"], aux=w["shared"] / w["aux"])
+        else:
+            set_grad_scale(model, main=1.0, aux=1.0)
+        step = c.epsilon if c.step is None else c.step
+        x_c, t_c = self._clean_targets(images[:b_c], labels[:b_c])
+        x_a, y_a = images[b_c:], labels[b_c:]
+        metrics: Dict = {}
+        try:
+            with no_sync():
+                x_cur = random_start(x_a, c.epsilon, random_init_prob=c.random_init_prob, per=c.random_init_per)
+                first = True
+                if c.fused:
+                    x_n = x_cur.requires_grad_(True)
+                    with split_route(model, b_c):
+                        logits = model(torch.cat([x_c, x_n]))
+                    loss_c = ce_sum(logits[:b_c], t_c, c.label_smoothing)
+                    loss_n = ce_sum(logits[b_c:], y_a)
+                    backward(k * (loss_c + c.beta * loss_n))
+                    metrics.update(branch_metrics("clean", loss_c, logits[:b_c], t_c))
+                    metrics.update(branch_metrics("noisy", loss_n, logits[b_c:], y_a))
+                    x_cur = sign_step(x_a, x_n, x_n.grad, epsilon=c.epsilon, step=step)
+                    first = False
+                else:
+                    with route(model, "main"):
+                        logits_c = model(x_c)
+                    loss_c = ce_sum(logits_c, t_c, c.label_smoothing)
+                    backward(k * loss_c)
+                    metrics.update(branch_metrics("clean", loss_c, logits_c, t_c))
+                for _ in range(c.attack_steps - (0 if first else 1)):
+                    x_cur = self._noisy_pass(model, attack_model, x_a, x_cur, y_a, backward, k, step,
+                                             metrics if first else None)
+                    first = False
+            metrics["perturbation_linf"] = (x_cur - x_a.float()).abs().amax() * 255.0
+            x_adv, y_adv = self._shuffle(model, x_cur, y_a) if c.shuffle else (x_cur, y_a)
+            with route(model, "aux"):
+                logits_a = model(x_adv)
+            loss_a = ce_sum(logits_a, y_adv)
+            backward(k * c.beta * loss_a)
+            metrics.update(branch_metrics("adversarial", loss_a, logits_a, y_adv))
+        finally:
+            set_grad_scale(model, main=1.0, aux=1.0)
+        metrics.update(self.cost(b).as_metrics())
+        return metrics
+
+    def _noisy_pass(self, model, attack_model, x_a, x_cur, y_a, backward, k, step, metrics):
+        """Forward the current point through the aux norms (train mode); return the next point."""
+        c = self.config
+        x_n = x_cur.detach().requires_grad_(True)
+        if c.reuse:
+            with route(model, "aux"):
+                logits = model(x_n)
+            loss = ce_sum(logits, y_a)
+            backward(k * c.beta * loss)
+            grad = x_n.grad
+        else:
+            attacker = attack_model if attack_model is not None else model
+            with route(attacker, "aux"), torch.enable_grad():
+                logits = attacker(x_n)
+                loss = ce_sum(logits, y_a)
+                (grad,) = torch.autograd.grad(loss, x_n)
+        if metrics is not None:
+            metrics.update(branch_metrics("noisy", loss, logits, y_a))
+        return sign_step(x_a, x_n, grad, epsilon=c.epsilon, step=step)
+
+    def _shuffle(self, model, x_adv: torch.Tensor, y: torch.Tensor):
+        """Shuffling BN: move every adversarial image to another BN group.
+
+        BN groups are the ranks of a distributed run times the ghost groups of the aux
+        norms (``aux_group_size``). The permutation is drawn on rank 0 and broadcast, so
+        every rank takes a disjoint slice of the same regrouped global batch.
+        """
+        b_a = x_adv.shape[0]
+        g = _aux_group_size(model)
+        local_groups = b_a // g if (g is not None and b_a > g and b_a % g == 0) else 1
+        group_size = b_a // local_groups
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        total_groups = world * local_groups
+        if total_groups < 2:
+            if not FastAdvProp._warned_noop_shuffle:
+                warnings.warn(
+                    "Shuffling BN is a no-op with a single BN group (one process, aux_group_size "
+                    f"None or >= B_a={b_a}); set aux_group_size (e.g. 16) to emulate per-GPU BN groups",
+                    stacklevel=3,
+                )
+                FastAdvProp._warned_noop_shuffle = True
+            return x_adv, y
+        if world == 1:
+            perm = group_changing_permutation(total_groups, group_size).to(x_adv.device)
+            return x_adv[perm], y[perm]
+        xs = [torch.empty_like(x_adv) for _ in range(world)]
+        ys = [torch.empty_like(y) for _ in range(world)]
+        dist.all_gather(xs, x_adv.contiguous())
+        dist.all_gather(ys, y.contiguous())
+        perm = group_changing_permutation(total_groups, group_size) if dist.get_rank() == 0 \
+            else torch.empty(world * b_a, dtype=torch.long)
+        perm = perm.to(x_adv.device)
+        dist.broadcast(perm, src=0)
+        rank = dist.get_rank()
+        idx = perm[rank * b_a:(rank + 1) * b_a]
+        return torch.cat(xs)[idx], torch.cat(ys)[idx]
+
+
+def _aux_group_size(model) -> Optional[int]:
+    mods = dual_norm_modules(model)
+    return mods[0].aux_group_size if mods else None

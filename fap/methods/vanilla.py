@@ -1,0 +1,46 @@
+"""Vanilla training: every image through the main norms, mean cross-entropy.
+
+The baseline of Mei et al. (ICLR 2022), Table 1. On a dual-norm model the auxiliary
+norms are simply never used.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_images
+from fap.norm import route
+
+__all__ = ["Vanilla", "VanillaConfig"]
+
+
+@dataclass(frozen=True)
+class VanillaConfig:
+    """Args:
+        label_smoothing: label smoothing of the cross-entropy (ignored under Mixup,
+            whose targets carry their own smoothing).
+    """
+    label_smoothing: float = 0.0
+
+
+class Vanilla(Method):
+    name = "vanilla"
+    config_cls = VanillaConfig
+
+    def validate(self) -> None:
+        if not 0.0 <= self.config.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.config.label_smoothing}")
+
+    def cost(self, batch_size: int) -> StepCost:
+        return StepCost(forward=1, backward=1, image_passes=batch_size, vanilla=batch_size)
+
+    def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, attack_model=None):
+        check_images(images, labels)
+        x, t = self._clean_targets(images, labels)
+        with route(model, "main"):
+            logits = model(x)
+        loss = ce_sum(logits, t, self.config.label_smoothing)
+        backward(loss / x.shape[0])
+        metrics = branch_metrics("clean", loss, logits, t)
+        metrics.update(self.cost(x.shape[0]).as_metrics())
+        return metrics
