@@ -38,7 +38,8 @@ def ce_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float =
 
     ``targets`` are class indices, or soft targets (Mixup/CutMix) of shape (B, C).
     """
-    logits = logits.float()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # losses in fp32 at least; fp64 stays fp64
     if targets.dim() == logits.dim():
         return torch.sum(-targets.float() * F.log_softmax(logits, dim=-1))
     return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
