@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "AUX_NAME",
+    "branch_distance",
     "BRANCHES",
     "DualNorm",
     "convert_dual_norm",
@@ -428,3 +429,30 @@ def strip_aux(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         k: v for k, v in state_dict.items()
         if not (k.startswith(marker) or f".{marker}" in k)
     }
+
+
+def branch_distance(model: nn.Module) -> List[Dict[str, float]]:
+    """Per dual-norm layer, how far the auxiliary branch has moved from the main one.
+
+    The "two domains" evidence of disentangled learning (AdvProp, Sec. 4.2): for each
+    layer, ``‖a − m‖ / ‖m‖`` for the running mean and running variance (BatchNorm only)
+    and for the affine weight and bias. Relative distances blow up where the main value
+    is near zero (timm zero-inits the last BN of residual blocks); read medians.
+
+    Returns:
+        One dict per layer: ``{"layer": name, "kind": class name, "running_mean": d, ...}``.
+    """
+    rows = []
+    for name, m in model.named_modules():
+        if not isinstance(m, DualNorm):
+            continue
+        aux = getattr(m, AUX_NAME)
+        row: Dict[str, float] = {"layer": name, "kind": type(m).__name__[len("Dual"):]}
+        for attr in ("running_mean", "running_var", "weight", "bias"):
+            a, b = getattr(m, attr, None), getattr(aux, attr, None)
+            if a is None or b is None:
+                continue
+            a, b = a.detach().float(), b.detach().float()
+            row[attr] = float((b - a).norm() / a.norm().clamp_min(1e-12))
+        rows.append(row)
+    return rows

@@ -237,3 +237,19 @@ def test_layernorm2d_and_groupnorm_convert_exactly():
     assert torch.equal(ref(x), dual(x))
     with route(dual, "aux"):
         assert torch.equal(ref(x), dual(x))  # aux starts as an exact copy
+
+
+def test_branch_distance_is_zero_after_conversion_and_grows_with_aux_training():
+    from fap.norm import branch_distance
+    _, dual = _pair("resnet18")
+    rows = branch_distance(dual)
+    assert len(rows) == 20 and rows[0]["layer"] == "bn1" and rows[0]["kind"] == "BatchNorm2d"
+    assert all(r.get(k, 0.0) == 0.0 for r in rows for k in ("running_mean", "running_var", "weight", "bias"))
+    dual.train()
+    with route(dual, "aux"):
+        dual(torch.rand(4, 3, 32, 32))
+    rows = branch_distance(dual)
+    m, a = dual.bn1, getattr(dual.bn1, AUX_NAME)
+    expected = float((a.running_mean - m.running_mean).norm() / m.running_mean.norm().clamp_min(1e-12))
+    assert rows[0]["running_mean"] == pytest.approx(expected)
+    assert rows[0]["running_var"] > 0
