@@ -611,6 +611,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step})")
 
+    # How the gradients of one update's backward passes are reduced across processes.
+    coalesce = deepspeed and _can_coalesce(model)
+    reduction = ("coalesced (one reduction per update)" if coalesce else
+                 "per backward (DeepSpeed without coalesce_grad_reduction)" if deepspeed else
+                 "no_sync (one all-reduce per update)" if world > 1 else "local")
+
     # ---- logging -------------------------------------------------------------------
     images_per_update = t.batch_size
     step_passes = cost.image_passes * world * t.accum_steps
@@ -619,7 +625,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     reference_epochs = t.reference_epochs or t.epochs
     run_info = {
         "method": method.name, "processes": world, "distributed_type": str(accelerator.distributed_type),
-        "zero_stage": zero_stage, "precision": precision, "micro_batch_per_process": micro,
+        "zero_stage": zero_stage, "gradient_reduction": reduction, "precision": precision,
+        "micro_batch_per_process": micro,
         "lr_scaled": lr, "updates_per_epoch": updates_per_epoch, "num_classes": num_classes,
         "image_passes_per_step": step_passes, "vanilla_image_passes_per_step": vanilla_passes,
         "cost_ratio_per_step": ratio, "cost_ratio_run": ratio * t.epochs / reference_epochs,
@@ -645,14 +652,13 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         f"fap: {method.name} | {m.name} | {world} process(es), {accelerator.distributed_type.value}"
         + (f" ZeRO-{zero_stage}" if zero_stage else "") + f", {precision} | batch {t.batch_size} "
         f"({micro}/process x {t.accum_steps} accum) | lr {lr:.4g} | {updates_per_epoch} updates/epoch | "
-        f"cost {step_passes} image-passes/step = {ratio:.3f}x vanilla"
+        f"cost {step_passes} image-passes/step = {ratio:.3f}x vanilla | gradients: {reduction}"
     )
 
     # ---- one optimizer update ------------------------------------------------------
     def backward_scaled(loss: torch.Tensor) -> None:
         accelerator.backward(loss / t.accum_steps if t.accum_steps > 1 else loss)
 
-    coalesce = deepspeed and _can_coalesce(model)
 
     @contextlib.contextmanager
     def ds_no_sync():
@@ -733,6 +739,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     train_start = time.perf_counter()
     images_at_start = state.images
     last_eval: Dict[str, float] = {}
+    last_eval_step = -1
     stop = state.step >= total_updates
     model.train()
     while state.epoch < t.epochs and not stop:
@@ -780,6 +787,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         last = state.epoch >= t.epochs or stop
         if finished_epoch and ((t.eval_every and state.epoch % t.eval_every == 0) or last):
             last_eval = run_eval()
+            last_eval_step = state.step
             log({"type": "eval", "step": state.step, "epoch": state.epoch, **last_eval})
             accelerator.print(f"epoch {state.epoch}: top1 {last_eval['top1']:.2f} top5 {last_eval['top5']:.2f}"
                               + (f" | EMA top1 {last_eval['ema_top1']:.2f}" if "ema_top1" in last_eval else ""))
@@ -788,8 +796,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             checkpoint("epoch_end" if finished_epoch else "stop")
     bar.close()
     train_time = time.perf_counter() - train_start
-    if not last_eval:
+    if not last_eval or last_eval_step != state.step:  # stopped mid-epoch: evaluate the final weights
         last_eval = run_eval()
+        last_eval_step = state.step
         log({"type": "eval", "step": state.step, "epoch": state.epoch, **last_eval})
 
     # ---- export and summary --------------------------------------------------------
