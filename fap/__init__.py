@@ -1,2 +1,42 @@
-"""fap: Fast AdvProp training toolkit (Mei et al., ICLR 2022) on timm + Accelerate."""
+"""fap: Fast AdvProp training toolkit (Mei et al., ICLR 2022) on timm + Accelerate.
+
+    import fap
+    cfg = fap.parse_args(fap.TrainConfig())      # or a recipe's config; --section.key=value overrides
+    summary = fap.train(cfg)                     # `accelerate launch` it for many processes
+
+The training API is imported on first use, so ``import fap.norm`` stays light.
+"""
 __version__ = "0.1.0"
+
+_LAZY = {
+    "train": "fap.engine",
+    "evaluate": "fap.engine",
+    "parse_args": "fap.config",
+    "peek_method": "fap.config",
+    "TrainConfig": "fap.config",
+    "RunSection": "fap.config",
+    "ModelConfig": "fap.config",
+    "OptimConfig": "fap.config",
+    "ScheduleConfig": "fap.config",
+    "MixupConfig": "fap.config",
+    "EMAConfig": "fap.config",
+    "CheckpointConfig": "fap.config",
+    "LogConfig": "fap.config",
+    "ConfigError": "fap.config",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fap' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

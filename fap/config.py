@@ -41,6 +41,7 @@ __all__ = [
     "method_name",
     "apply_overrides",
     "parse_args",
+    "peek_method",
     "to_dict",
     "from_dict",
     "validate",
@@ -530,6 +531,26 @@ def describe(cfg: TrainConfig) -> str:
         for f in dataclasses.fields(obj):
             lines.append(f"  --{section}.{f.name}={getattr(obj, f.name)!r}    ({_type_name(hints.get(f.name, Any))})")
     return "\n".join(lines)
+
+
+def peek_method(argv: Optional[Sequence[str]] = None, default: str = "fast_advprop") -> str:
+    """The method named by ``--method NAME`` / ``--method=NAME`` in ``argv`` (default ``sys.argv[1:]``).
+
+    For recipes whose settings depend on the method (e.g. budget-matched epochs): read the
+    method first, build the config for it, then `parse_args` the rest.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--method="):
+            name = arg.split("=", 1)[1]
+        elif arg == "--method" and i + 1 < len(argv):
+            name = argv[i + 1]
+        else:
+            continue
+        if name not in METHOD_CONFIGS:
+            raise ConfigError(f"--method={name!r}: choose one of {', '.join(sorted(METHOD_CONFIGS))}")
+        return name
+    return default
 
 
 def parse_args(

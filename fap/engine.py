@@ -626,7 +626,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     run_info = {
         "method": method.name, "processes": world, "distributed_type": str(accelerator.distributed_type),
         "zero_stage": zero_stage, "gradient_reduction": reduction, "precision": precision,
-        "micro_batch_per_process": micro,
+        "batch_size": t.batch_size, "accum_steps": t.accum_steps, "micro_batch_per_process": micro,
         "lr_scaled": lr, "updates_per_epoch": updates_per_epoch, "num_classes": num_classes,
         "image_passes_per_step": step_passes, "vanilla_image_passes_per_step": vanilla_passes,
         "cost_ratio_per_step": ratio, "cost_ratio_run": ratio * t.epochs / reference_epochs,
