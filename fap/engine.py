@@ -713,12 +713,25 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             grad_norm = grad_norm.item()
         return grad_norm
 
+    side_seconds = {"eval": 0.0, "checkpoint": 0.0}  # time outside training, kept out of images/s
+
     def checkpoint(reason: str) -> None:
+        start = time.perf_counter()
         path = save_checkpoint(accelerator, run_dir, state, {**marker, "reason": reason})
         prune_checkpoints(accelerator, run_dir, c.keep)
         log({"type": "checkpoint", "step": state.step, "epoch": state.epoch, "path": str(path)})
+        side_seconds["checkpoint"] += time.perf_counter() - start
+        window.start += time.perf_counter() - start
 
     def run_eval() -> Dict[str, float]:
+        start = time.perf_counter()
+        try:
+            return _run_eval()
+        finally:
+            side_seconds["eval"] += time.perf_counter() - start
+            window.start += time.perf_counter() - start
+
+    def _run_eval() -> Dict[str, float]:
         _average_bn_stats(unwrapped, world)
         result = evaluate(accelerator, unwrapped, eval_loader, prepared=prepared_eval, channels_last=t.channels_last)
         if ema is not None:
@@ -795,7 +808,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 (last and (c.every_epochs or c.every_steps)):
             checkpoint("epoch_end" if finished_epoch else "stop")
     bar.close()
-    train_time = time.perf_counter() - train_start
+    train_time = time.perf_counter() - train_start - side_seconds["eval"] - side_seconds["checkpoint"]
     if not last_eval or last_eval_step != state.step:  # stopped mid-epoch: evaluate the final weights
         last_eval = run_eval()
         last_eval_step = state.step
@@ -820,7 +833,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         "epochs": t.epochs, "reference_epochs": reference_epochs, "steps": state.step,
         "images_seen": state.images, "top1": last_eval.get("top1"), "top5": last_eval.get("top5"),
         "ema_top1": last_eval.get("ema_top1"), "best_top1": state.best_top1,
-        "train_seconds": train_time, "images_per_s": images_trained / max(train_time, 1e-9),
+        "train_seconds": train_time, "eval_seconds": side_seconds["eval"],
+        "checkpoint_seconds": side_seconds["checkpoint"], "images_per_s": images_trained / max(train_time, 1e-9),
         "output_dir": str(run_dir), "export": exported,
     }
     if accelerator.is_main_process:
