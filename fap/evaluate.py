@@ -1,0 +1,592 @@
+"""Evaluate a model the way the papers report it: clean accuracy, corruptions, renditions, attacks.
+
+Fast AdvProp (Mei et al., ICLR 2022) and AdvProp (Xie et al., CVPR 2020) judge a model by
+ImageNet top-1 and by robustness to distribution shift. One call scores any subset of:
+
+* ``clean``: top-1/top-5 on a validation split (folder, HF ``datasets`` or FFCV ``.beton``);
+* ``imagenet_c``: ImageNet-C (Hendrycks & Dietterich, ICLR 2019), layout
+  ``<corruption>/<severity>/<class>/*.jpg``: per-corruption errors, the unnormalised mean
+  error (the number the Fast AdvProp code reports), AlexNet-normalised mCE and relative
+  mCE (see `fap.evaluation.metrics`);
+* ``imagenet_r`` / ``imagenet_a``: ImageNet-R and ImageNet-A (Hendrycks et al., ICCV 2021 /
+  CVPR 2021), 200-class subsets scored with the logits masked to the 200 classes
+  (`fap.data.class_subsets`);
+* ``sketch``: ImageNet-Sketch (Wang et al., NeurIPS 2019); ``stylized``: Stylized-ImageNet
+  (Geirhos et al., ICLR 2019); ``v2``: ImageNet-V2 (Recht et al., ICML 2019; its folders are
+  label indices) — ImageNet-layout folders;
+* ``adversarial``: top-1 under untargeted PGD-k at ε (`fap.attacks.pgd`, ε in 1/255).
+
+Everything runs through Accelerate on any number of processes: loaders are sharded by
+``accelerator.prepare`` and per-sample results gathered with ``gather_for_metrics``, which
+drops the duplicates that uneven sharding adds, so 1 and N processes give the same
+numbers. Evaluation uses the main norms in eval mode (`fap.norm.route`).
+
+Use it as ``fap eval MODEL --suite clean imagenet_c=PATH ...`` (writes ``results.json`` and
+``results.md``), as :func:`evaluate` in Python, or as :func:`run_suite` from the training
+engine at the end of a run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from fap.data.base import DataError, collate_uint8
+from fap.data.class_subsets import SUBSETS, subset_indices
+from fap.data.config import DataConfig, INTERPOLATIONS
+from fap.evaluation.folders import ModelFolder, imagenet_c_layout, list_class_folders
+from fap.evaluation.loading import LoadedModel, load_model, wrap_module
+from fap.evaluation.loop import score_loader
+from fap.evaluation.metrics import corruption_summary
+from fap.evaluation.report import flatten, format_markdown, write_report
+
+__all__ = [
+    "FOLDER_SETS",
+    "SuiteConfig",
+    "add_arguments",
+    "evaluate",
+    "flatten",
+    "format_markdown",
+    "run",
+    "run_suite",
+    "write_report",
+]
+
+_logger = logging.getLogger(__name__)
+
+# ImageNet-layout robustness sets: key -> (title, class subset the logits are masked to)
+FOLDER_SETS: Dict[str, Tuple[str, Optional[str]]] = {
+    "imagenet_r": ("ImageNet-R", "imagenet_r"),
+    "imagenet_a": ("ImageNet-A", "imagenet_a"),
+    "sketch": ("ImageNet-Sketch", None),
+    "stylized": ("Stylized-ImageNet", None),
+    "v2": ("ImageNet-V2", None),
+}
+DEFAULT_IMAGE_SIZE, DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION = 224, 0.875, "bilinear"
+
+
+@dataclass
+class SuiteConfig:
+    """Which sets to evaluate, and how. Empty paths and ``pgd_steps=0`` switch a set off.
+
+    Args:
+        clean: top-1/top-5 on the validation split of the data config passed alongside.
+        imagenet_c: root of an ImageNet-C layout (``<corruption>/<severity>/<class>/``).
+        imagenet_r, imagenet_a, sketch, stylized, v2: roots of those sets (class folders).
+        corruptions: ImageNet-C corruptions to score; empty = every corruption folder found.
+        pgd_steps: K of the PGD-K attack on the clean split; 0 = no adversarial evaluation.
+        pgd_epsilon: ε in 1/255 pixel units.
+        pgd_step: step size in 1/255 units; None = ``fap.attacks.pgd``'s default
+            ``min(max(1, ε/K), ε)``.
+        pgd_random_init_prob: probability of a random start. The default 0 starts from
+            the clean image, so the result does not depend on random numbers (and hence not
+            on the number of processes).
+        pgd_max_images: attack only this many clean images (evenly spaced); 0 = all.
+        batch_size: images per process and batch.
+        num_workers: DataLoader workers per process.
+        image_size, crop_pct, interpolation: eval preprocessing (resize the short side to
+            ``image_size / crop_pct``, centre-crop ``image_size``); None = the data
+            config's, else the model's recorded one, else 224 / 0.875 / bilinear.
+            ImageNet-C images are pre-cropped: they get ``crop_pct = 1``.
+        seed: seeds the PGD random start (per process).
+    """
+    clean: bool = True
+    imagenet_c: str = ""
+    imagenet_r: str = ""
+    imagenet_a: str = ""
+    sketch: str = ""
+    stylized: str = ""
+    v2: str = ""
+    corruptions: Tuple[str, ...] = ()
+    pgd_steps: int = 0
+    pgd_epsilon: float = 1.0
+    pgd_step: Optional[float] = None
+    pgd_random_init_prob: float = 0.0
+    pgd_max_images: int = 0
+    batch_size: int = 64
+    num_workers: int = 2
+    image_size: Optional[int] = None
+    crop_pct: Optional[float] = None
+    interpolation: Optional[str] = None
+    seed: int = 0
+
+    def validate(self) -> "SuiteConfig":
+        """Check the fields; raise ``ValueError`` naming the key, the value and what is valid."""
+        from fap.attacks import check_epsilon
+
+        _check(isinstance(self.pgd_steps, int) and self.pgd_steps >= 0, "pgd_steps", self.pgd_steps,
+               "an int >= 0 (0 = no adversarial evaluation)")
+        check_epsilon(self.pgd_epsilon, "suite.pgd_epsilon")
+        if self.pgd_step is not None:
+            check_epsilon(self.pgd_step, "suite.pgd_step")
+        _check(0.0 <= self.pgd_random_init_prob <= 1.0, "pgd_random_init_prob", self.pgd_random_init_prob,
+               "a probability in [0, 1]")
+        _check(isinstance(self.pgd_max_images, int) and self.pgd_max_images >= 0, "pgd_max_images",
+               self.pgd_max_images, "an int >= 0 (0 = all)")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, "an int >= 1")
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", self.num_workers,
+               "an int >= 0")
+        _check(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 8),
+               "image_size", self.image_size, "None or an int >= 8")
+        _check(self.crop_pct is None or 0.0 < self.crop_pct <= 1.0, "crop_pct", self.crop_pct, "None or (0, 1]")
+        _check(self.interpolation is None or self.interpolation in INTERPOLATIONS, "interpolation",
+               self.interpolation, f"None or one of {', '.join(INTERPOLATIONS)}")
+        for key in ("imagenet_c",) + tuple(FOLDER_SETS):
+            _check(isinstance(getattr(self, key), str), key, getattr(self, key), "a directory path or ''")
+        if self.corruptions and not self.imagenet_c:
+            raise ValueError("suite.corruptions is set but suite.imagenet_c is empty: give the ImageNet-C root")
+        if not self.requested():
+            raise ValueError("the suite turns on no set: set clean=True, pgd_steps >= 1, or a path for imagenet_c, "
+                             + ", ".join(FOLDER_SETS))
+        return self
+
+    def requested(self) -> List[str]:
+        """The names of the sets this config turns on."""
+        names = ["clean"] if self.clean else []
+        names += ["adversarial"] if self.pgd_steps else []
+        names += [k for k in FOLDER_SETS if getattr(self, k)]
+        names += ["imagenet_c"] if self.imagenet_c else []
+        return names
+
+
+def _check(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"suite.{key}={value!r} is not valid: expected {expected}")
+
+
+# --------------------------------------------------------------------------------------
+# The engine's hook
+# --------------------------------------------------------------------------------------
+
+def run_suite(
+        accelerator,
+        model: nn.Module,
+        suite: SuiteConfig,
+        *,
+        data: Optional[DataConfig] = None,
+        classes: Optional[Sequence[str]] = None,
+        info: Optional[LoadedModel] = None,
+) -> Dict[str, Any]:
+    """Evaluate ``model`` on the sets of ``suite``; every process returns the same dict.
+
+    Call it on every process. The model may be wrapped by ``accelerator.prepare`` (DDP,
+    DeepSpeed); it is unwrapped, routed to its main norms, put in eval mode for the
+    duration and given back in the mode it was in.
+
+    Args:
+        accelerator: the run's ``Accelerator``.
+        model: a `fap.models.PixelModel` (or any module taking [0, 1] pixels), on
+            ``accelerator.device``.
+        suite: what to evaluate.
+        data: the data config whose ``val_split`` is the clean set (and the attacked
+            images); required for ``suite.clean`` and ``suite.pgd_steps``.
+        classes: the model's class names in label order; default: recorded with the
+            weights (``info``), else the clean folder's classes, else ImageNet-1k's
+            WordNet ids for a 1000-class model.
+        info: what was loaded with the weights (`fap.evaluation.loading.load_model`).
+
+    Returns:
+        ``{"model": ..., "preprocess": ..., "num_processes": N, "sets": {name: numbers}}``,
+        numbers in percent (see `fap.evaluation.report` and `fap.evaluation.metrics`).
+    """
+    suite = suite.validate()
+    if (suite.clean or suite.pgd_steps) and data is None:
+        raise ValueError("suite.clean / suite.pgd_steps need the clean validation set: pass data=DataConfig(...) "
+                         "(on the command line: --data PATH)")
+    if data is not None and data.skip_corrupt:
+        raise ValueError("data.skip_corrupt=True: evaluation counts every image, as published numbers do; "
+                         "remove or repair the unreadable files instead")
+    net = accelerator.unwrap_model(model)
+    num_classes = _num_classes(net, info)
+    classes = _resolve_classes(classes, info, data, num_classes)
+    prep = _preprocess(suite, data, info)
+    results: Dict[str, Any] = {
+        "model": {"name": (info.name if info else getattr(net, "model_name", "")) or type(net).__name__,
+                  "num_classes": num_classes, "source": info.source if info else ""},
+        "preprocess": prep, "num_processes": accelerator.num_processes, "sets": {},
+    }
+    sets = results["sets"]
+    context = _Context(accelerator, net, classes, num_classes, suite, prep)
+    from fap.norm import route
+
+    was_training = net.training
+    net.eval()
+    try:
+        with route(net, "main"):
+            if suite.clean:
+                sets["clean"] = _clean(context, data)
+            if suite.pgd_steps:
+                sets["adversarial"] = _adversarial(context, data)
+            for key in FOLDER_SETS:
+                if getattr(suite, key):
+                    sets[key] = _folder_set(context, key, getattr(suite, key))
+            if suite.imagenet_c:
+                clean_error = None if "clean" not in sets else 1.0 - sets["clean"]["top1"] / 100.0
+                sets["imagenet_c"] = _imagenet_c(context, suite.imagenet_c, clean_error)
+    finally:
+        net.train(was_training)
+    return results
+
+
+@dataclass
+class _Context:
+    accelerator: Any
+    model: nn.Module
+    classes: Optional[List[str]]
+    num_classes: int
+    suite: SuiteConfig
+    prep: Dict[str, Any]
+
+
+def _num_classes(net: nn.Module, info: Optional[LoadedModel]) -> int:
+    if info is not None:
+        return info.num_classes
+    inner = getattr(net, "net", net)
+    n = getattr(inner, "num_classes", None)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"cannot tell how many classes {type(inner).__name__} predicts (no num_classes attribute); "
+                         "pass a timm model or a fap PixelModel")
+    return n
+
+
+def _resolve_classes(classes, info, data, num_classes) -> Optional[List[str]]:
+    if isinstance(classes, str):
+        with open(classes) as f:
+            classes = [line.strip() for line in f if line.strip()]
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        if len(classes) != num_classes:
+            raise ValueError(f"classes has {len(classes)} names but the model has {num_classes} outputs")
+        return classes
+    if info is not None and info.classes:
+        return list(info.classes)
+    if data is not None and data.source in ("folder", "demo") and data.path:
+        folder = os.path.join(os.path.expanduser(data.path), data.val_split)
+        if os.path.isdir(folder):
+            names = list_class_folders(folder)
+            if len(names) == num_classes:
+                return names
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        return list(ImageNetInfo("imagenet-1k").label_names())
+    return None
+
+
+def _preprocess(suite: SuiteConfig, data: Optional[DataConfig], info: Optional[LoadedModel]) -> Dict[str, Any]:
+    def pick(key, default):
+        for value in (getattr(suite, key), getattr(data, key, None) if data is not None else None,
+                      getattr(info, key, None) if info is not None else None):
+            if value is not None:
+                return value
+        return default
+
+    return {"image_size": int(pick("image_size", DEFAULT_IMAGE_SIZE)),
+            "crop_pct": float(pick("crop_pct", DEFAULT_CROP_PCT)),
+            "interpolation": str(pick("interpolation", DEFAULT_INTERPOLATION))}
+
+
+# --------------------------------------------------------------------------------------
+# Sets
+# --------------------------------------------------------------------------------------
+
+def _transform(prep: Dict[str, Any], *, crop_pct: Optional[float] = None):
+    from fap.data.transforms import build_transform
+
+    interpolation = prep["interpolation"] if prep["interpolation"] != "random" else "bilinear"
+    cfg = DataConfig(image_size=prep["image_size"], crop_pct=prep["crop_pct"] if crop_pct is None else crop_pct,
+                     interpolation=interpolation)
+    return build_transform(cfg, train=False)
+
+
+def _loader(context: _Context, dataset):
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=context.suite.batch_size, shuffle=False, drop_last=False,
+        num_workers=context.suite.num_workers, collate_fn=collate_uint8,
+        pin_memory=context.accelerator.device.type == "cuda",
+    )
+    return context.accelerator.prepare_data_loader(loader)
+
+
+def _bar(context: _Context, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True,
+                disable=not context.accelerator.is_local_main_process)
+
+
+def _score(context: _Context, loader, desc: str, *, prepared: bool = True, **kwargs) -> Dict[str, int]:
+    bar = _bar(context, len(loader), desc)
+    try:
+        return score_loader(context.accelerator, context.model, loader, prepared=prepared, progress=bar, **kwargs)
+    finally:
+        bar.close()
+
+
+def _percent(counts: Dict[str, int], key: str) -> float:
+    return 100.0 * counts[key] / counts["images"] if counts["images"] else float("nan")
+
+
+def _clean_source(context: _Context, data: DataConfig) -> Tuple[Any, bool, str]:
+    """The clean validation split as (loader, prepared?, path)."""
+    data = dataclasses.replace(data, image_size=context.prep["image_size"], crop_pct=context.prep["crop_pct"],
+                               interpolation=context.prep["interpolation"], num_workers=context.suite.num_workers)
+    if data.source in ("folder", "demo"):
+        from fap.data.folder import split_dir
+
+        if data.source == "demo":
+            from fap.data.demo import make_demo
+
+            make_demo(data.path)
+        folder = split_dir(os.path.expanduser(data.path), data.val_split)
+        dataset = ModelFolder(folder, model_classes=context.classes, num_classes=context.num_classes,
+                              transform=_transform(context.prep), name="the clean set")
+        return dataset, True, folder
+    if data.source == "hf":
+        from fap.data import build_dataset
+
+        dataset = build_dataset(data, "val", train=False)
+        names = list(getattr(dataset, "classes", []) or [])
+        if context.classes is not None and names and names != list(context.classes):
+            raise DataError(f"{data.path} [{data.val_split}]: its class names ({names[:3]} ...) are not the model's "
+                            f"({list(context.classes)[:3]} ...) in label order")
+        return dataset, True, f"{data.path} [{data.val_split}]"
+    from fap.data import build_loader
+
+    acc = context.accelerator
+    loader = build_loader(data, "val", batch_size=context.suite.batch_size, train=False,
+                          num_processes=acc.num_processes, process_index=acc.process_index, drop_last=False)
+    return loader, False, f"{data.path}/{data.val_split}.beton"
+
+
+def _clean(context: _Context, data: DataConfig) -> Dict[str, Any]:
+    source, is_dataset, path = _clean_source(context, data)
+    if is_dataset:
+        counts = _score(context, _loader(context, source), "clean")
+    else:
+        counts = _score(context, source, "clean", prepared=False)
+    return {"path": path, "images": counts["images"], "top1": _percent(counts, "top1"),
+            "top5": _percent(counts, "top5")}
+
+
+def _adversarial(context: _Context, data: DataConfig) -> Dict[str, Any]:
+    from fap.attacks import pgd
+
+    suite = context.suite
+    source, is_dataset, path = _clean_source(context, data)
+    if suite.pgd_max_images:
+        if not is_dataset:
+            raise ValueError("suite.pgd_max_images needs a folder or hf clean set (an FFCV loader cannot be subset)")
+        n = len(source)
+        if suite.pgd_max_images < n:
+            step = n / suite.pgd_max_images
+            source = torch.utils.data.Subset(source, [int(i * step) for i in range(suite.pgd_max_images)])
+    acc = context.accelerator
+    generator = torch.Generator(device=acc.device).manual_seed(suite.seed + acc.process_index)
+    attack = functools.partial(pgd, epsilon=suite.pgd_epsilon, steps=suite.pgd_steps, step=suite.pgd_step,
+                               random_init_prob=suite.pgd_random_init_prob, generator=generator)
+    desc = f"PGD-{suite.pgd_steps}"
+    counts = (_score(context, _loader(context, source), desc, attack=attack) if is_dataset
+              else _score(context, source, desc, attack=attack, prepared=False))
+    eps = suite.pgd_epsilon
+    step = suite.pgd_step if suite.pgd_step is not None else (min(max(1.0, eps / suite.pgd_steps), eps) if eps else 0.0)
+    return {"path": path, "epsilon": eps, "steps": suite.pgd_steps, "step": step,
+            "random_init_prob": suite.pgd_random_init_prob, "images": counts["images"],
+            "clean_top1": _percent(counts, "top1"), "top1": _percent(counts, "adv_top1"),
+            "top5": _percent(counts, "adv_top5")}
+
+
+def _folder_set(context: _Context, key: str, root: str) -> Dict[str, Any]:
+    title, subset_name = FOLDER_SETS[key]
+    root = os.path.expanduser(root)
+    subset = allowed = None
+    if subset_name is not None:
+        allowed = SUBSETS[subset_name]
+        if context.classes is None:
+            raise ValueError(f"{title} is scored with the logits masked to its 200 classes, which needs the model's "
+                             f"class names (ImageNet-1k WordNet ids); pass classes=... / --classes FILE")
+        subset = torch.tensor(subset_indices(context.classes, allowed, name=title), dtype=torch.long,
+                              device=context.accelerator.device)
+    dataset = ModelFolder(root, model_classes=context.classes, num_classes=context.num_classes,
+                          transform=_transform(context.prep), allowed=allowed, name=title)
+    counts = _score(context, _loader(context, dataset), title, subset=subset)
+    return {"path": root, "images": counts["images"], "classes": len(dataset.classes),
+            "masked_to": None if subset is None else len(allowed), "top1": _percent(counts, "top1"),
+            "top5": _percent(counts, "top5")}
+
+
+def _imagenet_c(context: _Context, root: str, clean_error: Optional[float]) -> Dict[str, Any]:
+    root = os.path.expanduser(root)
+    layout = imagenet_c_layout(root, context.suite.corruptions or None)
+    transform = _transform(context.prep, crop_pct=1.0)
+    loaders = {}
+    for corruption, severities in layout.items():
+        for severity, folder in severities.items():
+            dataset = ModelFolder(folder, model_classes=context.classes, num_classes=context.num_classes,
+                                  transform=transform, name=f"ImageNet-C {corruption}/{severity}")
+            loaders[corruption, severity] = _loader(context, dataset)
+    bar = _bar(context, sum(len(loader) for loader in loaders.values()), "ImageNet-C")
+    errors: Dict[str, List[float]] = {}
+    images = 0
+    try:
+        for (corruption, severity), loader in loaders.items():
+            bar.set_postfix_str(f"{corruption} {severity}")
+            counts = score_loader(context.accelerator, context.model, loader, progress=bar)
+            errors.setdefault(corruption, []).append(1.0 - counts["top1"] / counts["images"])
+            images += counts["images"]
+    finally:
+        bar.close()
+    return {"path": root, "images": images, **corruption_summary(errors, clean_error)}
+
+
+# --------------------------------------------------------------------------------------
+# Python entry point
+# --------------------------------------------------------------------------------------
+
+def evaluate(
+        model: Union[str, nn.Module, LoadedModel],
+        suite: Optional[SuiteConfig] = None,
+        *,
+        data: Optional[DataConfig] = None,
+        classes: Optional[Union[str, Sequence[str]]] = None,
+        model_name: Optional[str] = None,
+        ema: bool = False,
+        accelerator=None,
+        out_dir: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Load (if needed) and evaluate a model; optionally write ``results.json`` / ``results.md``.
+
+    Args:
+        model: an export or checkpoint path (`fap.evaluation.loading.load_model`), a
+            `fap.models.PixelModel` / timm model, or a `LoadedModel`.
+        suite: what to evaluate (default: clean top-1/top-5 only).
+        data: the clean validation set's data config (``val_split`` of ``path``).
+        classes: the model's class names in label order, or a file with one per line.
+        model_name: timm architecture, overriding what the files record.
+        ema: evaluate a checkpoint's EMA weights.
+        accelerator: an ``Accelerator``; default a new one (``accelerate launch`` decides
+            processes and precision).
+        out_dir: if set, the main process writes the report there.
+
+    Returns:
+        The results dict of :func:`run_suite`.
+    """
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator()
+    if isinstance(model, (str, os.PathLike)):
+        info = load_model(str(model), model_name=model_name, ema=ema)
+    elif isinstance(model, LoadedModel):
+        info = model
+    else:
+        info = None
+    module = wrap_module(info.model if info else model)
+    module = accelerator.prepare_model(module, evaluation_mode=True)
+    results = run_suite(accelerator, module, suite or SuiteConfig(), data=data, classes=classes, info=info)
+    if out_dir and accelerator.is_main_process:
+        write_report(results, out_dir)
+    accelerator.wait_for_everyone()
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# `fap eval`
+# --------------------------------------------------------------------------------------
+
+SUITE_HELP = (
+    "what to evaluate: 'clean' (top-1/top-5 on --data), 'pgd' (PGD-K accuracy on --data), and NAME=PATH for "
+    "imagenet_c, imagenet_r, imagenet_a, sketch, stylized, v2 (e.g. imagenet_c=/data/imagenet-c). "
+    "'clean=PATH' is short for --data PATH"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``fap eval``."""
+    parser.add_argument("model", help="an export directory (model.safetensors + config.json), a checkpoint or run "
+                                      "directory, or a .safetensors file whose metadata names the architecture")
+    parser.add_argument("--suite", nargs="+", required=True, metavar="SET", help=SUITE_HELP)
+    parser.add_argument("--data", default="", help="root of the clean validation data (data.path)")
+    parser.add_argument("--data-source", default="folder", choices=("folder", "hf", "ffcv", "demo"),
+                        help="kind of --data (default: folder, i.e. DATA/VAL_SPLIT/<class>/<image>)")
+    parser.add_argument("--val-split", default="val", help="validation split name (default: val)")
+    parser.add_argument("--classes", default=None,
+                        help="file with the model's class names in label order, one per line (default: recorded "
+                             "with the weights, else the clean folder's classes, else ImageNet-1k's for 1000 classes)")
+    parser.add_argument("--model-name", default=None, help="timm architecture, overriding the one recorded")
+    parser.add_argument("--ema", action="store_true", help="evaluate a checkpoint's EMA weights")
+    parser.add_argument("--corruptions", default="", help="comma-separated ImageNet-C corruptions (default: all found)")
+    parser.add_argument("--pgd-steps", type=int, default=10, help="K of PGD-K for 'pgd' (default: 10)")
+    parser.add_argument("--pgd-epsilon", type=float, default=1.0, help="ε in 1/255 units (default: 1)")
+    parser.add_argument("--pgd-step", type=float, default=None, help="step in 1/255 units (default: min(max(1, ε/K), ε))")
+    parser.add_argument("--pgd-random-init", type=float, default=0.0,
+                        help="probability of a random start (default: 0, deterministic)")
+    parser.add_argument("--pgd-max-images", type=int, default=0, help="attack at most N clean images (default: all)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per process and batch (default: 64)")
+    parser.add_argument("--num-workers", type=int, default=2, help="loader workers per process (default: 2)")
+    parser.add_argument("--image-size", type=int, default=None, help="eval crop (default: recorded with the model, else 224)")
+    parser.add_argument("--crop-pct", type=float, default=None, help="eval crop fraction (default: recorded, else 0.875)")
+    parser.add_argument("--interpolation", default=None, choices=INTERPOLATIONS, help="resize interpolation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the PGD random start")
+    parser.add_argument("--out", default=None, help="directory for results.json and results.md "
+                                                     "(default: eval-<model folder name>)")
+
+
+def parse_suite(tokens: Sequence[str], args: argparse.Namespace) -> Tuple[SuiteConfig, str]:
+    """``--suite`` tokens and the other arguments as a `SuiteConfig` and the clean data path."""
+    fields: Dict[str, Any] = {"clean": False}
+    data_path = args.data
+    for token in tokens:
+        name, _, path = token.partition("=")
+        name = name.strip().replace("-", "_")
+        if name == "clean":
+            fields["clean"] = True
+            data_path = path or data_path
+        elif name in ("pgd", "adversarial"):
+            fields["pgd_steps"] = args.pgd_steps
+        elif name in FOLDER_SETS or name == "imagenet_c":
+            if not path:
+                raise SystemExit(f"--suite {token}: give the set's root as {name}=PATH")
+            fields[name] = path
+        else:
+            raise SystemExit(f"--suite {token}: unknown set {name!r}; expected clean, pgd, or NAME=PATH with NAME in "
+                             f"imagenet_c, {', '.join(FOLDER_SETS)}")
+    if fields.get("pgd_steps") == 0:
+        raise SystemExit("--suite pgd with --pgd-steps 0: give --pgd-steps >= 1")
+    suite = SuiteConfig(
+        **fields, corruptions=tuple(c.strip() for c in args.corruptions.split(",") if c.strip()),
+        pgd_epsilon=args.pgd_epsilon, pgd_step=args.pgd_step, pgd_random_init_prob=args.pgd_random_init,
+        pgd_max_images=args.pgd_max_images, batch_size=args.batch_size, num_workers=args.num_workers,
+        image_size=args.image_size, crop_pct=args.crop_pct, interpolation=args.interpolation, seed=args.seed,
+    )
+    return suite.validate(), data_path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fap eval``; returns the exit code."""
+    from accelerate import Accelerator
+
+    suite, data_path = parse_suite(args.suite, args)
+    accelerator = Accelerator()
+    info = load_model(args.model, model_name=args.model_name, ema=args.ema)
+    data = None
+    if suite.clean or suite.pgd_steps:
+        if not data_path:
+            raise SystemExit("'clean' and 'pgd' evaluate the clean validation set: give --data PATH (or clean=PATH)")
+        data = DataConfig(source=args.data_source, path=data_path, val_split=args.val_split,
+                          image_size=args.image_size or info.image_size or DEFAULT_IMAGE_SIZE,
+                          crop_pct=args.crop_pct or info.crop_pct or DEFAULT_CROP_PCT,
+                          interpolation=args.interpolation or info.interpolation or DEFAULT_INTERPOLATION,
+                          num_workers=args.num_workers)
+    out = args.out or f"eval-{os.path.basename(os.path.normpath(args.model))}"
+    results = evaluate(info, suite, data=data, classes=args.classes, accelerator=accelerator, out_dir=out)
+    if accelerator.is_main_process:
+        print(format_markdown(results))
+        print(f"\nwrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'results.md')}")
+    return 0
