@@ -32,7 +32,7 @@ import dataclasses
 import functools
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -426,23 +426,27 @@ def _imagenet_c(context: _Context, root: str, clean_error: Optional[float]) -> D
     root = os.path.expanduser(root)
     layout = imagenet_c_layout(root, context.suite.corruptions or None)
     transform = _transform(context.prep, crop_pct=1.0)
-    loaders = {}
-    for corruption, severities in layout.items():
-        for severity, folder in severities.items():
+    folders = [(c, s, folder) for c, severities in layout.items() for s, folder in severities.items()]
+    errors: Dict[str, List[float]] = {}
+    images, bar = 0, None
+    try:
+        for corruption, severity, folder in folders:  # one folder listed at a time: ImageNet-C has 75 x 50k images
             dataset = ModelFolder(folder, model_classes=context.classes, num_classes=context.num_classes,
                                   transform=transform, name=f"ImageNet-C {corruption}/{severity}")
-            loaders[corruption, severity] = _loader(context, dataset)
-    bar = _bar(context, sum(len(loader) for loader in loaders.values()), "ImageNet-C")
-    errors: Dict[str, List[float]] = {}
-    images = 0
-    try:
-        for (corruption, severity), loader in loaders.items():
+            loader = _loader(context, dataset)
+            if bar is None:  # the sets are normally the same size: estimate, then correct as they come
+                bar = _bar(context, len(loader) * len(folders), "ImageNet-C")
+                expected = len(loader)
+            elif len(loader) != expected:
+                bar.total += len(loader) - expected
+                bar.refresh()
             bar.set_postfix_str(f"{corruption} {severity}")
             counts = score_loader(context.accelerator, context.model, loader, progress=bar)
             errors.setdefault(corruption, []).append(1.0 - counts["top1"] / counts["images"])
             images += counts["images"]
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return {"path": root, "images": images, **corruption_summary(errors, clean_error)}
 
 

@@ -67,9 +67,12 @@ def format_markdown(results: Dict) -> str:
         lines += [f"Weights: `{model['source']}`", ""]
     head, row = _headline(sets)
     lines += _table(head, [row]) + [""]
-    lines += ["Top-1 accuracy (%) unless marked ↓ (top-1 error, %). mCE is AlexNet-normalised over the 15 "
-              "ImageNet-C corruptions (Hendrycks & Dietterich 2019); mean err is the unnormalised mean error, the "
-              "number the Fast AdvProp reference code prints (over 19 corruptions); they are not comparable.", ""]
+    note = "Top-1 accuracy (%) unless marked ↓ (top-1 error, %)."
+    if "imagenet_c" in sets:
+        note += (" mCE is AlexNet-normalised over the 15 ImageNet-C corruptions (Hendrycks & Dietterich 2019); mean "
+                 "err is the unnormalised mean error, the number the Fast AdvProp reference code prints (over 19 "
+                 "corruptions); the two are not comparable.")
+    lines += [note, ""]
     details = [[SET_TITLES.get(k, k), f"`{v['path']}`", str(v["images"]), _fmt(v["top1"]), _fmt(v["top5"])]
                for k, v in sets.items() if k in SET_TITLES or k == "clean"]
     if details:
