@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -573,7 +574,17 @@ def parse_suite(tokens: Sequence[str], args: argparse.Namespace) -> Tuple[SuiteC
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``fap eval``; returns the exit code."""
+    """Run ``fap eval``; returns the exit code (1 with a one-line message for unusable input)."""
+    from fap.evaluation.loading import WeightsError
+
+    try:
+        return _run(args)
+    except (DataError, WeightsError, FileNotFoundError, ValueError) as e:
+        print(f"fap eval: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     suite, data_path = parse_suite(args.suite, args)

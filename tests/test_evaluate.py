@@ -180,7 +180,7 @@ def _tiny_folder(root, classes, per_class=2):
     return str(root)
 
 
-def test_bad_input_names_the_file_key_and_value(demo, demo_c, export, tmp_path):
+def test_bad_input_names_the_file_key_and_value(demo, demo_c, export, tmp_path, capsys):
     suite = SuiteConfig(clean=False, batch_size=8, num_workers=0)
     classes = sorted(os.listdir(os.path.join(demo, "val")))
     # a set whose classes are not the model's
@@ -221,6 +221,12 @@ def test_bad_input_names_the_file_key_and_value(demo, demo_c, export, tmp_path):
     shutil.copy(os.path.join(export, "model.safetensors"), bare)
     with pytest.raises(WeightsError, match=r"bare\.safetensors: its metadata names no architecture"):
         load_model(str(bare))
+    # the command line says the same in one line, exit status 1
+    from fap.cli import main
+
+    assert main(["eval", str(wrong), "--suite", f"imagenet_c={broken}", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fap eval: error: ") and "wrong-export/model.safetensors" in err
     # settings
     with pytest.raises(ValueError, match=r"suite\.pgd_random_init_prob=2 is not valid"):
         SuiteConfig(pgd_random_init_prob=2).validate()
