@@ -25,7 +25,9 @@ from helpers_engine import REPO, accelerate_cmd, clean_env, free_port, load_expo
 
 pytestmark = pytest.mark.distributed
 
-STEPS = {"train.max_steps": 3, "checkpoint.every_epochs": 0}
+# An evaluation batch of 3 per process does not divide the 20 validation images: the last
+# batch is padded with repeats, which the evaluation must not count.
+STEPS = {"train.max_steps": 3, "checkpoint.every_epochs": 0, "train.eval_batch_size": 6}
 
 
 def _module_cmd(args, **kw):
@@ -103,6 +105,7 @@ def test_two_processes_match_one(backend, precision, reference, tiny_folder, tmp
     assert f"gradients: {reduction}" in proc.stdout
     weights = load_export(out)
     assert all(torch.isfinite(v).all() for v in weights.values())
+    assert [r["count"] for r in read_log(out) if r["type"] == "eval"] == [20, 20]
     rel = _rel_error(weights, reference["weights"], reference["init"])
     cos = _cosine(weights, reference["weights"], reference["init"])
     print(f"{backend} {precision}: relative error {rel:.2e}, cosine {cos:.6f}")

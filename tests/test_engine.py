@@ -66,9 +66,19 @@ def test_resume_mid_epoch_is_bitwise_identical(tiny_folder, tmp_path):
     assert fresh.returncode != 0 and "--checkpoint.resume=auto" in fresh.stderr
 
 
-def test_run_outputs_logs_export_and_cost(tiny_folder, tmp_path):
-    out_dir = tmp_path / "run"
-    proc = _train(tiny_folder, out_dir, **{"train.epochs": 2, "log.trackers": "tensorboard", "log.every_steps": 2})
+PLAIN = {"train.epochs": 2, "log.every_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_folder, tmp_path_factory):
+    """4 Fast AdvProp updates (2 epochs) with TensorBoard logging."""
+    out_dir = tmp_path_factory.mktemp("plain") / "run"
+    proc = _train(tiny_folder, out_dir, **PLAIN, **{"log.trackers": "tensorboard"})
+    return out_dir, proc
+
+
+def test_run_outputs_logs_export_and_cost(plain_run, tmp_path):
+    out_dir, proc = plain_run
     assert "fap summary: fast_advprop" in proc.stdout
     assert "24 image-passes per step vs 20 vanilla = 1.200x per step" in proc.stdout
 
@@ -104,6 +114,18 @@ def test_run_outputs_logs_export_and_cost(tiny_folder, tmp_path):
     run([PY, "-m", "fap.cli", "export", str(out_dir), "--out", str(cli_out)])
     again = load_export(cli_out.parent, cli_out.name)
     assert all(torch.equal(again[k], exported[k]) for k in exported)
+
+
+def test_channels_last_and_compile_change_nothing_but_speed(plain_run, tiny_folder, tmp_path):
+    """torch.compile must keep the per-branch routing (it guards on the norms' route)."""
+    out_dir = tmp_path / "compiled"
+    _train(tiny_folder, out_dir, **PLAIN, **{"train.channels_last": "true", "train.compile": "true",
+                                             "train.compile_backend": "eager"})
+    a, b = load_export(plain_run[0]), load_export(out_dir)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    la = [r for r in read_log(plain_run[0]) if r["type"] == "train"]
+    lb = [r for r in read_log(out_dir) if r["type"] == "train"]
+    assert [round(r["loss_adversarial"], 4) for r in la] == [round(r["loss_adversarial"], 4) for r in lb]
 
 
 def test_vanilla_with_accumulation_matches_one_big_batch(tiny_folder, tmp_path):

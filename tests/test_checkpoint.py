@@ -1,0 +1,117 @@
+"""fap.checkpoint: finding and resolving checkpoints, atomic saves, the timm export."""
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fap.checkpoint import MARKER, CheckpointError, export_timm, list_checkpoints, resolve_resume
+from helpers_engine import run
+
+
+def _fake_checkpoint(run_dir, step, complete=True, tmp=False):
+    d = run_dir / "checkpoints" / ((".tmp-" if tmp else "") + f"step_{step:08d}")
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"x")
+    if complete:
+        (d / MARKER).write_text(json.dumps({"step": step}))
+    return d
+
+
+def test_resolve_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    assert resolve_resume("", run_dir) is None and resolve_resume("auto", run_dir) is None
+    _fake_checkpoint(run_dir, 5, tmp=True)                   # a save that never finished
+    _fake_checkpoint(run_dir, 7, complete=False)             # no marker: not complete either
+    assert list_checkpoints(run_dir) == [] and resolve_resume("auto", run_dir) is None
+    with pytest.raises(CheckpointError, match=r"holds no complete checkpoint.*\.tmp-step_00000005.*step_00000007"):
+        resolve_resume(str(run_dir), run_dir)
+    with pytest.raises(CheckpointError, match="no such file"):
+        resolve_resume(str(tmp_path / "missing"), run_dir)
+
+    a, b = _fake_checkpoint(run_dir, 10), _fake_checkpoint(run_dir, 20)
+    assert list_checkpoints(run_dir) == [a, b]
+    assert resolve_resume("auto", run_dir) == b
+    assert resolve_resume(str(run_dir), tmp_path / "elsewhere") == b   # a run directory: its newest
+    assert resolve_resume(str(a), tmp_path / "elsewhere") == a         # a checkpoint directory itself
+    with pytest.raises(CheckpointError, match="--checkpoint.resume=auto"):
+        resolve_resume("", run_dir)                                    # a fresh start would mix runs
+
+
+def test_export_refuses_weights_that_do_not_fit(tmp_path):
+    from fap.models import create_model
+
+    model = create_model("resnet18", num_classes=3, channels=[8, 16, 32, 64], mean=(0.5,) * 3, std=(0.5,) * 3)
+    cfg = {"name": "resnet18", "kwargs": {"channels": [8, 16, 32, 64]}, "mean": [0.5] * 3, "std": [0.5] * 3}
+    out = export_timm(model.state_dict(), tmp_path / "export", model_cfg=cfg, num_classes=3)
+    import timm
+
+    net = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.rand(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():  # the export is the main branch: same logits as the dual-norm model
+        assert torch.equal(net((x - 0.5) / 0.5), model(x))
+    broken = {k: v for k, v in model.state_dict().items() if not k.endswith("fc.weight")}
+    with pytest.raises(CheckpointError, match=r"do not load strictly into timm.create_model\('resnet18'"):
+        export_timm(broken, tmp_path / "export", model_cfg=cfg, num_classes=3)
+    assert (out / "model.safetensors").is_file()  # the failed export left the good one in place
+
+
+SAVE_SCRIPT = textwrap.dedent("""
+    import hashlib, os, sys
+    from pathlib import Path
+    import torch
+    from accelerate import Accelerator
+    from fap.checkpoint import (TrainState, list_checkpoints, remove_partial, resolve_resume, save_checkpoint)
+
+    run_dir = Path(sys.argv[1])
+    acc = Accelerator(cpu=True)
+    model, opt = acc.prepare(torch.nn.Linear(4, 2), torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.1))
+    state = TrainState(step=1)
+    acc.register_for_checkpointing(state)
+
+    def digest(path):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+    first = save_checkpoint(acc, run_dir, state, {"config": {}})
+    before = digest(first)
+
+    # A crash in the middle of the next save: some files written, then an error.
+    real_save = acc.save_state
+    def crashing_save(output_dir):
+        os.makedirs(output_dir, exist_ok=True)
+        Path(output_dir, "model.safetensors").write_bytes(b"half a file")
+        raise OSError("disk full")
+    acc.save_state = crashing_save
+    state.step = 2
+    try:
+        save_checkpoint(acc, run_dir, state, {"config": {}})
+        raise SystemExit("the crash was not raised")
+    except OSError:
+        pass
+    acc.save_state = real_save
+    assert list_checkpoints(run_dir) == [first], list_checkpoints(run_dir)
+    assert digest(first) == before, "the complete checkpoint changed"
+    assert (run_dir / "checkpoints" / ".tmp-step_00000002").is_dir()
+    assert resolve_resume("auto", run_dir) == first
+    remove_partial(acc, run_dir)
+    assert not (run_dir / "checkpoints" / ".tmp-step_00000002").exists()
+
+    # Saving the same step again never rewrites it.
+    state.step = 1
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert save_checkpoint(acc, run_dir, state, {"config": {}}) == first and digest(first) == before
+
+    # And the checkpoint loads back.
+    state.step = 99
+    acc.load_state(str(first))
+    assert state.step == 1
+    print("OK")
+""")
+
+
+def test_a_crash_during_save_never_touches_complete_checkpoints(tmp_path):
+    proc = run([sys.executable, "-c", SAVE_SCRIPT, str(tmp_path / "run")])
+    assert proc.stdout.strip().endswith("OK")
