@@ -198,6 +198,15 @@ def _make_accelerator(cfg: TrainConfig, run_dir: Path):
     if precision is None:
         raise ConfigError(f"mixed precision {accelerator.mixed_precision!r} is not supported; "
                           "launch with --mixed_precision no or bf16 (train.precision=fp32 or bf16)")
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if launched in ("bf16", "fp16", "fp8") and launched != accelerator.mixed_precision:
+        # `--mixed_precision no` is also the launcher's default, so only an explicit
+        # low-precision request can be told apart from "not said".
+        src = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        why = (f"{src} says bf16.enabled={precision == 'bf16'}" if src
+               else f"train.precision={cfg.train.precision!r}")
+        raise ConfigError(f"accelerate was launched with --mixed_precision {launched} but {why}, so the run "
+                          f"would silently train in {precision}; make them agree")
     if cfg.train.precision != "auto" and precision != cfg.train.precision:
         src = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the launch configuration")
         raise ConfigError(
@@ -216,21 +225,14 @@ def _check_tracker(name: str) -> None:
                           "or set --log.trackers= (none)")
 
 
-def _configure_deepspeed(accelerator, cfg: TrainConfig, micro_batch: int) -> Optional[int]:
-    """Fill and check the DeepSpeed config against the fap config; return the ZeRO stage.
+def _check_deepspeed_dict(ds: Dict[str, Any], cfg: TrainConfig, src: str, micro_batch: int, world: int, *,
+                          fill: bool) -> None:
+    """Contradictions between a DeepSpeed config dict and the fap config; ``fill`` resolves "auto"s.
 
     fap owns the optimizer, the schedule, accumulation and clipping; a DeepSpeed config
     that says otherwise is an error naming the file and key rather than a silent
     override (e.g. Accelerate fills ``gradient_clipping: "auto"`` with 1.0).
     """
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    plugin = accelerator.state.deepspeed_plugin
-    ds = plugin.deepspeed_config
-    src = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the accelerate config's deepspeed_config"
-
     def bad(key: str, value: Any, want: str) -> ConfigError:
         return ConfigError(f"{src}: {key}={value!r} contradicts the fap config: {want}")
 
@@ -241,37 +243,69 @@ def _configure_deepspeed(accelerator, cfg: TrainConfig, micro_batch: int) -> Opt
     if gas not in ("auto", 1):
         raise bad("gradient_accumulation_steps", gas,
                   f"fap accumulates micro-batches itself (train.accum_steps={cfg.train.accum_steps}); set it to 1")
-    ds["gradient_accumulation_steps"] = 1
     clip = ds.get("gradient_clipping", "auto")
     want_clip = float(cfg.optim.clip_grad or 0.0)
-    if clip == "auto":
-        ds["gradient_clipping"] = want_clip
-    elif float(clip) != want_clip:
+    if clip != "auto" and float(clip) != want_clip:
         raise bad("gradient_clipping", clip, f"optim.clip_grad={cfg.optim.clip_grad} (0.0 means none); "
                                              "set the same value in both")
-    world = accelerator.num_processes
     for key, want in (("train_micro_batch_size_per_gpu", micro_batch), ("train_batch_size", micro_batch * world)):
         value = ds.get(key, "auto")
-        if value == "auto":
-            ds[key] = want
-        elif int(value) != want:
+        if value != "auto" and int(value) != want:
             raise bad(key, value, f"train.batch_size={cfg.train.batch_size} over {world} processes and "
                                   f"{cfg.train.accum_steps} accumulation steps gives {want}; set it to \"auto\"")
+        if fill:
+            ds[key] = want
     if (ds.get("fp16") or {}).get("enabled") is True:
         raise bad("fp16.enabled", True, "fap supports fp32 and bf16; use \"bf16\": {\"enabled\": true}")
-    if accelerator.mixed_precision == "bf16":
-        # DeepSpeed casts parameters, not buffers: BatchNorm needs its buffers in bf16 too.
-        ds.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
-    ds.setdefault("zero_allow_untested_optimizer", True)  # timm's SGD/LAMB/... are not on DeepSpeed's list
-    ds.setdefault("steps_per_print", 10 ** 9)
-    stage = int(plugin.zero_stage)
+    bf16 = (ds.get("bf16") or {}).get("enabled", "auto")
+    if bf16 is True and cfg.train.precision == "fp32" or bf16 is False and cfg.train.precision == "bf16":
+        raise bad("bf16.enabled", bf16, f"train.precision={cfg.train.precision!r}; make them agree, or set "
+                                        "train.precision=auto to follow the file")
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if bf16 is False and launched == "bf16":
+        raise ConfigError(f"accelerate was launched with --mixed_precision bf16 but {src} says bf16.enabled=false, "
+                          "so the run would silently train in fp32; make them agree")
+    stage = int((ds.get("zero_optimization") or {}).get("stage", os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0)))
     if stage == 3 and cfg.ema.enabled:
         raise ConfigError(
             "ema.enabled=True under DeepSpeed ZeRO-3: an EMA is a full replica of the weights on every rank, "
             "which is what ZeRO-3 exists to avoid. Use ZeRO-2 (parameters replicated, optimizer state and "
             "gradients sharded) for an EMA, or set --ema.enabled=false"
         )
-    return stage
+    if fill:
+        ds["gradient_accumulation_steps"] = 1
+        ds["gradient_clipping"] = want_clip
+        ds.setdefault("zero_allow_untested_optimizer", True)  # timm's SGD/LAMB/... are not on DeepSpeed's list
+        ds.setdefault("steps_per_print", 10 ** 9)
+
+
+def _deepspeed_preflight(cfg: TrainConfig, micro_batch: int, world: int) -> None:
+    """Check the DeepSpeed JSON file before anything starts (DeepSpeed's set-up is slow)."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not _using_deepspeed() or not path or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        try:
+            ds = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    _check_deepspeed_dict(ds, cfg, path, micro_batch, world, fill=False)
+
+
+def _configure_deepspeed(accelerator, cfg: TrainConfig, micro_batch: int) -> Optional[int]:
+    """Fill the "auto"s of Accelerate's resolved DeepSpeed config and re-check it; return the ZeRO stage."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    src = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the accelerate config's deepspeed_config"
+    _check_deepspeed_dict(ds, cfg, src, micro_batch, accelerator.num_processes, fill=True)
+    if accelerator.mixed_precision == "bf16":
+        # DeepSpeed casts parameters, not buffers: BatchNorm needs its buffers in bf16 too.
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
+    return int(plugin.zero_stage)
 
 
 def _can_coalesce(engine) -> bool:
@@ -369,6 +403,8 @@ def evaluate(accelerator, model: torch.nn.Module, loader, *, prepared: bool = Tr
         loader: evaluation batches of ``(uint8 images, labels)``.
         prepared: the loader was ``accelerator.prepare``-d; then the duplicates that
             even sharding appends to the last batch are removed (``gather_for_metrics``).
+            An already-sharded loader (FFCV) is de-duplicated with its ``num_padded``
+            (its last samples repeat other shards'), when it has one.
         channels_last: feed NHWC images.
     """
     from fap.data import to_unit_float
@@ -376,6 +412,10 @@ def evaluate(accelerator, model: torch.nn.Module, loader, *, prepared: bool = Tr
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # top1, top5, loss, count
+    keep = None  # samples of this shard that are not padding (unprepared loaders)
+    if not prepared and all(hasattr(loader, a) for a in ("num_padded", "num_samples", "num_processes")):
+        keep = -(-loader.num_samples // loader.num_processes) - loader.num_padded
+    seen = 0
     try:
         with route(model, "main"):
             for images, labels in loader:
@@ -393,12 +433,16 @@ def evaluate(accelerator, model: torch.nn.Module, loader, *, prepared: bool = Tr
                 loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
                 if prepared:
                     hit1, hit5, loss = accelerator.gather_for_metrics((hit1, hit5, loss))
-                else:
-                    hit1, hit5, loss = accelerator.gather((hit1, hit5, loss))
+                elif keep is not None:
+                    n_keep = max(0, min(hit1.numel(), keep - seen))
+                    seen += hit1.numel()
+                    hit1, hit5, loss = hit1[:n_keep], hit5[:n_keep], loss[:n_keep]
                 totals += torch.stack([hit1.sum().double(), hit5.sum().double(), loss.double().sum(),
                                        torch.tensor(float(hit1.numel()), dtype=torch.float64, device=totals.device)])
     finally:
         model.train(was_training)
+    if not prepared:
+        totals = accelerator.reduce(totals, reduction="sum")
     n = max(totals[3].item(), 1.0)
     return {"top1": 100.0 * totals[0].item() / n, "top5": 100.0 * totals[1].item() / n,
             "loss": totals[2].item() / n, "count": int(totals[3].item())}
@@ -526,16 +570,21 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
     cfg = validate(config)
     run_dir = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg.checkpoint.resume, run_dir)  # fails before any set-up
-    accelerator, precision = _make_accelerator(cfg, run_dir)
-    world, rank = accelerator.num_processes, accelerator.process_index
     t, c = cfg.train, cfg.checkpoint
+    # Everything that can be checked before processes and DeepSpeed start, is.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if t.batch_size % (world * t.accum_steps):
         raise ConfigError(
             f"train.batch_size={t.batch_size} (global) must be divisible by processes ({world}) x "
             f"train.accum_steps ({t.accum_steps}); e.g. {world * t.accum_steps * max(1, t.batch_size // (world * t.accum_steps))}"
         )
     micro = t.batch_size // (world * t.accum_steps)
+    resume_from = resolve_resume(cfg.checkpoint.resume, run_dir)
+    if resume_from is not None:
+        _check_resume_config(read_marker(resume_from), cfg, resume_from, world)
+    _deepspeed_preflight(cfg, micro, world)
+    accelerator, precision = _make_accelerator(cfg, run_dir)
+    rank = accelerator.process_index
     eval_micro = max(1, math.ceil((t.eval_batch_size or t.batch_size) / world))
     zero_stage = _configure_deepspeed(accelerator, cfg, micro)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -607,7 +656,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
               "zero_stage": zero_stage, "ema_index": ema_index}
     remove_partial(accelerator, run_dir)
     if resume_from is not None:
-        _check_resume_config(read_marker(resume_from), cfg, resume_from, world)
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step})")
 
@@ -760,6 +808,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         batches = _loader_batches(accelerator, train_loader, prepared_train, epoch, state.batch_in_epoch)
         pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
         for images, labels in batches:
+            if not prepared_train and t.accum_steps > 1:
+                # FFCV reuses its output buffers: a batch held for accumulation must be copied.
+                images, labels = images.clone(), labels.clone()
             pending.append((images, labels))
             state.batch_in_epoch += 1
             if len(pending) < t.accum_steps:

@@ -143,9 +143,15 @@ def test_two_nodes_on_localhost(tiny_folder, tmp_path):
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000002", "step_00000003"]
 
 
-def test_deepspeed_config_contradicting_the_recipe_is_an_error(tiny_folder, tmp_path):
-    ds = _ds_json(tmp_path, 2, False, gradient_clipping=1.0)
+@pytest.mark.parametrize("case", ["clipping", "precision"])
+def test_deepspeed_config_contradicting_the_launch_is_an_error(case, tiny_folder, tmp_path):
+    if case == "clipping":  # the JSON against the recipe: Accelerate would let the JSON win silently
+        ds = _ds_json(tmp_path, 2, False, gradient_clipping=1.0)
+        mp, words = "no", "gradient_clipping=1.0 contradicts the fap config: optim.clip_grad=None"
+    else:  # the JSON against `accelerate launch --mixed_precision bf16`: Accelerate would train in fp32
+        ds = _ds_json(tmp_path, 2, False)
+        mp, words = "bf16", "launched with --mixed_precision bf16 but"
     proc = run(_module_cmd(tiny_vit_overrides(tiny_folder, tmp_path / "run", **STEPS), processes=1,
-                           deepspeed_config=ds), check=False)
+                           deepspeed_config=ds, mixed_precision=mp), check=False)
     assert proc.returncode != 0
-    assert f"{ds}: gradient_clipping=1.0 contradicts the fap config: optim.clip_grad=None" in proc.stderr
+    assert words in proc.stderr and str(ds) in proc.stderr, proc.stderr[-3000:]

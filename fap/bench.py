@@ -1,0 +1,260 @@
+"""What each method costs, side by side, on the same model and the same loader batches.
+
+    fap bench                                            # = python benchmarks/step_cost.py
+    fap bench --model resnet50 --image-size 224 --batch 64 --device cuda
+
+Part 1 (methods): vanilla, AdvProp with PGD-1 and PGD-5, Fast AdvProp (three passes, and
+fused) train on the same pre-decoded loader batches from the same initial weights; an
+"epoch" is those batches once. Printed per method: wall time per epoch and its ratio to
+vanilla, image-passes per epoch (forward+backward of one image = 1; exact, from the
+method), peak tensor memory of one step, and the whole-run ratio when the method is
+budget-matched (Fast AdvProp: epochs / (1 + p_adv), Mei et al., ICLR 2022). Rounds are
+interleaved (method 1, 2, ..., then again) and the median is reported, because a shared
+machine's load drifts.
+
+Part 2 (engine overhead): one vanilla epoch through ``fap.train`` against a bare PyTorch
+loop (same model, data loader, optimizer and loss), training time only (fap's summary
+excludes its evaluation and checkpoint time).
+
+Targets (CPU, small model): Fast AdvProp <= 1.25x vanilla per epoch (ideal 1.2x; budget-matched
+total <= 1.02x); AdvProp PGD-5 about 7x; fap's vanilla epoch within 5 % of the bare loop.
+This is a measurement, not a test: nothing here asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+
+from fap.data import DataConfig, build_loader, num_classes, to_unit_float
+from fap.methods import budget_matched, build_method
+from fap.models import create_model
+
+__all__ = ["add_arguments", "run", "main"]
+
+METHODS = [
+    ("vanilla", "vanilla", {}),
+    ("advprop_pgd1", "advprop", {"attack_steps": 1}),
+    ("advprop_pgd5", "advprop", {"attack_steps": 5}),
+    ("fast_advprop", "fast_advprop", {}),
+    ("fast_advprop_fused", "fast_advprop", {"fused": True}),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/demo", help="dataset root (generated if --source demo)")
+    p.add_argument("--source", default="demo", choices=["demo", "folder"])
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--channels", default="32,64,128,256", help="ResNet widths ('' = the model's own)")
+    p.add_argument("--image-size", type=int, default=48)
+    p.add_argument("--batch", type=int, default=100, help="loader batch (Fast AdvProp: 80 clean + 20 adversarial)")
+    p.add_argument("--batches", type=int, default=8, help="loader batches per 'epoch' in part 1")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median reported)")
+    p.add_argument("--engine-steps", type=int, default=20, help="updates per engine-overhead epoch (part 2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--skip-engine", action="store_true", help="only part 1")
+    p.add_argument("--json", default=None, help="also write the numbers here")
+
+
+def model_kwargs(args) -> Dict:
+    kw = {}
+    if args.channels:
+        kw["channels"] = [int(c) for c in args.channels.split(",")]
+    return kw
+
+
+def fixed_batches(args, data_cfg: DataConfig) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``--batches`` training batches, decoded once, kept as uint8 in memory."""
+    loader = build_loader(data_cfg, "train", batch_size=args.batch, train=True, seed=0)
+    out = []
+    for images, labels in loader:
+        out.append((images.clone(), labels.clone()))
+        if len(out) == args.batches:
+            break
+    if len(out) < args.batches:
+        raise SystemExit(f"the training split has only {len(out)} batches of {args.batch}; lower --batches")
+    return out
+
+
+def peak_memory_of_step(fn, device: str) -> float:
+    """Peak tensor memory (MiB) while ``fn()`` runs: CUDA's allocator peak, or on CPU the
+    torch profiler's memory timeline (parameters, gradients, optimizer state, activations)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    return max(sum(s) for s in sizes) / 2 ** 20 if sizes else float("nan")
+
+
+def part1(args, data_cfg: DataConfig) -> Dict[str, Dict]:
+    device = torch.device(args.device)
+    n_classes = num_classes(data_cfg)
+    batches = fixed_batches(args, data_cfg)
+    torch.manual_seed(0)
+    init = create_model(args.model, num_classes=n_classes, **model_kwargs(args)).to(device)
+    methods = {name: build_method(kind, None, **kw) for name, kind, kw in METHODS}
+    times: Dict[str, List[float]] = {name: [] for name in methods}
+    peak: Dict[str, float] = {}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def make_step(method, model, opt):
+        def step(images, labels):
+            x = to_unit_float(images.to(device, non_blocking=True))
+            method.train_step(model, x, labels.to(device), lambda loss: loss.backward())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    for r in range(args.rounds):
+        for name, method in methods.items():
+            model = copy.deepcopy(init).train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            step = make_step(method, model, opt)
+            for images, labels in batches[:2]:  # warm-up (allocator, oneDNN/cuDNN primitives)
+                step(images, labels)
+            sync()
+            start = time.perf_counter()
+            for images, labels in batches:
+                step(images, labels)
+            sync()
+            times[name].append(time.perf_counter() - start)
+            if r == 0:
+                peak[name] = peak_memory_of_step(lambda: step(*batches[0]), args.device)
+            print(f"  round {r + 1}/{args.rounds} {name:>20}: {times[name][-1]:.2f} s", flush=True)
+
+    vanilla = statistics.median(times["vanilla"])
+    results = {}
+    for name, method in methods.items():
+        cost = method.cost(args.batch)
+        per_epoch = statistics.median(times[name])
+        epochs_factor = 1.0
+        if name.startswith("fast_advprop"):
+            c = method.config
+            matched, _ = budget_matched(105, p_adv=c.p_adv, attack_steps=c.attack_steps)
+            epochs_factor = matched / 105  # e.g. 87 / 105 for ResNet-50's schedule
+        results[name] = {
+            "seconds_per_epoch": per_epoch,
+            "ratio_to_vanilla": per_epoch / vanilla,
+            "image_passes_per_epoch": cost.image_passes * args.batches,
+            "image_pass_ratio": cost.ratio,
+            "peak_memory_mib": peak[name],
+            "budget_matched_total_ratio": per_epoch / vanilla * epochs_factor,
+            "all_seconds": times[name],
+        }
+    return results
+
+
+def part2(args, data_cfg: DataConfig) -> Dict[str, float]:
+    """Vanilla through fap.train vs a bare loop: training seconds for ``--engine-steps`` updates."""
+    import fap
+
+    n_classes = num_classes(data_cfg)
+    fap_times, bare_times = [], []
+    for r in range(args.rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = fap.TrainConfig(
+                train=fap.RunSection(name="overhead", epochs=1, batch_size=args.batch, max_steps=args.engine_steps,
+                                     precision="fp32"),
+                data=data_cfg,
+                model=fap.ModelConfig(name=args.model, kwargs=model_kwargs(args), dual_norm=False),
+                method=build_method("vanilla").config,
+                optim=fap.OptimConfig(opt="momentum", lr=0.01, lr_base_size=0, weight_decay=0.0,
+                                      no_decay_norm_bias=False),
+                sched=fap.ScheduleConfig(sched="none"),
+                checkpoint=fap.CheckpointConfig(every_steps=0, every_epochs=0, export=False),
+                log=fap.LogConfig(output_dir=tmp, trackers=(), progress=False, every_steps=10 ** 6),
+            )
+            summary = fap.train(cfg)
+            fap_times.append(summary["train_seconds"])
+        bare_times.append(bare_loop(args, data_cfg, n_classes))
+        print(f"  round {r + 1}/{args.rounds}: fap {fap_times[-1]:.2f} s, bare loop {bare_times[-1]:.2f} s", flush=True)
+    f, b = statistics.median(fap_times), statistics.median(bare_times)
+    return {"fap_seconds": f, "bare_seconds": b, "overhead": f / b - 1.0, "fap_all": fap_times, "bare_all": bare_times}
+
+
+def bare_loop(args, data_cfg: DataConfig, n_classes: int) -> float:
+    """The same training in plain PyTorch: timm model, SGD, cross-entropy, the same loader."""
+    import timm
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    net = timm.create_model(args.model, num_classes=n_classes, **model_kwargs(args)).to(device).train()
+    cfg = net.pretrained_cfg
+    mean = torch.tensor(cfg["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"], device=device).view(1, -1, 1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    loader = build_loader(data_cfg, "train", batch_size=args.batch, train=True, seed=0)
+    start = time.perf_counter()
+    for i, (images, labels) in enumerate(loader):
+        x = (images.to(device).float() / 255.0 - mean) / std
+        loss = torch.nn.functional.cross_entropy(net(x), labels.to(device))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i + 1 == args.engine_steps:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_cfg = DataConfig(source=args.source, path=args.data, image_size=args.image_size, crop_pct=1.0,
+                          scale=(0.25, 1.0), num_workers=2)
+    print(f"device {args.device}, {torch.get_num_threads()} threads, model {args.model} {model_kwargs(args)}, "
+          f"{args.image_size}px, loader batch {args.batch}, {args.batches} batches per epoch, {args.rounds} rounds")
+    print("part 1: methods")
+    res = part1(args, data_cfg)
+    header = f"{'method':>20} {'s/epoch':>9} {'vs vanilla':>11} {'image-passes':>13} {'(ratio)':>8} " \
+             f"{'peak MiB':>9} {'budget-matched total':>21}"
+    lines = [header]
+    for name, r in res.items():
+        total = f"{r['budget_matched_total_ratio']:.3f}x" if name.startswith("fast_advprop") else "-"
+        lines.append(f"{name:>20} {r['seconds_per_epoch']:9.2f} {r['ratio_to_vanilla']:10.3f}x "
+                     f"{r['image_passes_per_epoch']:13d} {r['image_pass_ratio']:7.2f}x {r['peak_memory_mib']:9.1f} "
+                     f"{total:>21}")
+    out = {"args": vars(args), "methods": res}
+    if not args.skip_engine:
+        print("part 2: engine overhead (vanilla)")
+        eng = part2(args, data_cfg)
+        out["engine"] = eng
+        lines.append("")
+        lines.append(f"engine overhead: fap.train {eng['fap_seconds']:.2f} s vs bare PyTorch loop {eng['bare_seconds']:.2f} s "
+                     f"for {args.engine_steps} vanilla updates = {100 * eng['overhead']:+.1f} %")
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fap bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
