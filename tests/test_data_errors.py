@@ -3,9 +3,7 @@ import logging
 import os
 import shutil
 
-import numpy as np
 import pytest
-import torch
 
 from fap.cli import main as fap_main
 from fap.data import DataConfig, DataError, build_dataset, build_loader, num_classes
@@ -191,3 +189,12 @@ def test_inspect_lists_every_problem(data_copy, capsys):
     assert "val: classes differ" in problems and "missing ['zebra']" in problems
     assert fap_main(["data", "inspect", str(data_copy), "--all"]) == 1
     assert "problems (4):" in capsys.readouterr().out
+
+
+def test_inspect_hf_reports_labels_out_of_range(data_hf_broken):
+    report = inspect_path(str(data_hf_broken))
+    assert report.kind == "hf (disk)"
+    assert {s.name: s.num_images for s in report.splits} == {"train": 80, "val": 40, "test": 40}
+    problems = "\n".join(report.problems)
+    assert "[val]: label 12 at row 5 is outside [0, 10)" in problems
+    assert "[test]: label -1 at row 0" in problems and "[test]: 10 of 10 classes have no images" in problems

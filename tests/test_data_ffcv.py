@@ -81,11 +81,13 @@ def test_reads_ffcv_imagenet_files(data_demo, tmp_path):
         writer.from_indexed_dataset(folder, chunksize=20)
     cfg = DataConfig(source="ffcv", path=str(tmp_path), image_size=20, num_workers=2)
     assert num_classes(cfg) == 10 and class_names(cfg) == [str(i) for i in range(10)]  # no classes.json
-    loader = build_loader(cfg, "val", batch_size=16, train=False)
+    images, labels = [], []
+    for x, y in build_loader(cfg, "val", batch_size=16, train=False):
+        images.append(x.clone())
+        labels.append(y.tolist())
     expected = [c for c in range(10) for _ in range(4)]  # ImageFolder order, 4 val images per class
-    assert _labels(loader) == [expected[0:16], expected[16:32], expected[32:40]]
-    x, _ = next(iter(build_loader(cfg, "train", batch_size=16, train=True)))
-    assert x.shape == (16, 3, 20, 20)
+    assert labels == [expected[0:16], expected[16:32], expected[32:40]]
+    assert torch.cat(images).shape == (40, 3, 20, 20)  # stored at 24 px (max_resolution), cropped to 20
 
 
 def test_to_beton_command_with_progress(data_demo, data_hf_offline, tmp_path, capfd):
@@ -114,9 +116,11 @@ def test_to_beton_from_hf_dataset(data_demo, data_hf_offline, tmp_path):
     summary = convert_to_betons(str(tmp_path / "hf"), str(tmp_path / "out"), splits=("train", "val"),
                                 write_mode="raw", max_resolution=None, num_workers=1)
     assert summary == {"train": {"written": 40, "skipped": 0}, "val": {"written": 40, "skipped": 0}}
+    from fap.data.ffcv import beton_labels
+
+    assert beton_labels(str(tmp_path / "out" / "val.beton")).tolist() == folder.targets
     cfg = DataConfig(source="ffcv", path=str(tmp_path / "out"), image_size=28, num_workers=1)
-    assert [y for batch in _labels(build_loader(cfg, "val", batch_size=40, train=False)) for y in batch] \
-        == folder.targets
+    assert class_names(cfg) == list(CLASSES)  # from classes.json, written from the ClassLabel
 
 
 def test_two_processes_get_disjoint_equal_shards(data_indexed_beton):
@@ -133,11 +137,10 @@ def test_two_processes_get_disjoint_equal_shards(data_indexed_beton):
             assert shards[0].indices(0).tolist() != shards[0].indices(1).tolist()  # reshuffled per epoch
         else:
             assert shards[0].indices(0).tolist() == list(range(0, 37, 2))  # file order, strided
-    # iterating follows the order: labels are indices here
-    for r in (0, 1):
-        shard = FFCVLoader(data_indexed_beton, batch_size=8, train=False, image_size=16, num_processes=2,
-                           process_index=r)
-        assert sum(_labels(shard), []) == shard.indices(0).tolist()
+    # iterating follows the order (labels are indices here), padded sample included
+    shard = FFCVLoader(data_indexed_beton, batch_size=8, train=False, image_size=16, num_processes=2,
+                       process_index=1)
+    assert sum(_labels(shard), []) == shard.indices(0).tolist() == list(range(1, 37, 2)) + [0]
 
 
 def test_resume_restores_the_epoch_order(data_indexed_beton):

@@ -1,7 +1,6 @@
 """The same images through folder, HF `datasets` and FFCV: same labels, same pixels (within JPEG error)."""
 import os
 
-import numpy as np
 import pytest
 import torch
 

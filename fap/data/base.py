@@ -12,7 +12,6 @@ it, unless the caller set ``skip_corrupt``; then it is skipped, logged and count
 from __future__ import annotations
 
 import io
-import logging
 import multiprocessing
 import os
 from typing import List, Optional, Sequence, Tuple, Union
@@ -28,8 +27,6 @@ __all__ = [
     "decode_rgb",
     "to_unit_float",
 ]
-
-_logger = logging.getLogger(__name__)
 
 # The extensions torchvision's ImageFolder accepts (torchvision.datasets.folder.IMG_EXTENSIONS).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

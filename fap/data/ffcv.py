@@ -30,7 +30,6 @@ import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from torch.utils.data import DistributedSampler
 
 from fap.data.base import SKIP_HINT, DataError
@@ -243,7 +242,7 @@ def _source_split(src: str, split: str, *, source: str, classes: Optional[List[s
     data, listed = hf.load_split(src, split, skip_corrupt=skip_corrupt, reference_classes=classes)
     where = f"{src} [{split}]"
     names = hf.split_classes(data, where=where)
-    if classes is not None and names != classes and isinstance(data.features["label"], hf.datasets.ClassLabel):
+    if classes is not None and names != classes and hf.has_class_names(data):
         raise DataError(f"{where}: class names differ from the first split's")
     hf.check_labels(data, len(classes or names), where=where)
     dataset = hf.HFImageDataset(data, transform=None, classes=classes or names, where=where)

@@ -32,7 +32,7 @@ import torch
 from datasets.data_files import SPLIT_KEYWORDS, get_data_patterns
 
 from fap.data.base import DataError, SkipCounter, decode_rgb
-from fap.data.folder import FolderDataset, check_same_classes, find_classes, split_dir
+from fap.data.folder import FolderDataset, split_dir
 
 __all__ = ["HFImageDataset", "detect_layout", "load_split", "split_classes"]
 
@@ -157,6 +157,11 @@ def split_classes(ds: datasets.Dataset, *, where: str) -> List[str]:
     if labels.size == 0:
         raise DataError(f"{where}: the split is empty")
     return [str(i) for i in range(int(labels.max()) + 1)]
+
+
+def has_class_names(ds: datasets.Dataset) -> bool:
+    """Whether the label column is a ``ClassLabel`` (names known) rather than plain integers."""
+    return isinstance(ds.features[LABEL_COLUMN], datasets.ClassLabel)
 
 
 def check_labels(ds: datasets.Dataset, num_classes: int, *, where: str) -> None:

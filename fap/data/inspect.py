@@ -133,14 +133,18 @@ def _inspect_hf(path: str, layout: str, *, max_images: Optional[int]) -> Dataset
             continue
         if reference is None:
             reference = classes
-        elif classes != reference and len(classes) > len(reference):
-            problems.append(f"{where}: {len(classes)} classes, the first split has {len(reference)}")
+        elif not hf.has_class_names(ds):
+            classes = reference  # plain integer labels index the first split's classes
+        elif classes != reference:
+            problems.append(f"{where}: class names differ from the first split's ({len(classes)} vs "
+                            f"{len(reference)} classes)")
         try:
             hf.check_labels(ds, len(reference), where=where)
         except DataError as e:
             problems.append(str(e))
         valid = labels[(labels >= 0) & (labels < len(classes))]
         counts = np.bincount(valid, minlength=len(classes))
+        problems += _empty_classes(where, classes, counts)
         rows = _evenly(list(range(len(ds))), max_images)
         images = ds.select_columns(["image"])
 
@@ -199,6 +203,7 @@ def _inspect_ffcv(path: str) -> DatasetReport:
         meta = reader.metadata[f"f{list(reader.handlers).index('image')}"]
         sizes = collections.Counter(f"{w}x{h}" for w, h in zip(meta["width"], meta["height"]))
         counts = np.bincount(labels[(labels >= 0) & (labels < len(names))], minlength=len(names))
+        problems += _empty_classes(file, names, counts)
         splits.append(SplitReport(name=os.path.basename(file)[:-len(".beton")], num_images=int(reader.num_samples),
                                   classes=names, images_per_class={c: int(n) for c, n in zip(names, counts)},
                                   sizes=dict(sizes.most_common()), images_checked=int(reader.num_samples)))
@@ -206,6 +211,14 @@ def _inspect_ffcv(path: str) -> DatasetReport:
 
 
 # -- shared -----------------------------------------------------------------------------------
+
+def _empty_classes(where: str, classes: Sequence[str], counts: np.ndarray) -> List[str]:
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if not empty:
+        return []
+    shown = ", ".join(empty[:5]) + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
+    return [f"{where}: {len(empty)} of {len(classes)} classes have no images: {shown}"]
+
 
 def _evenly(items: Sequence, limit: Optional[int]) -> List:
     """At most ``limit`` items, evenly spaced (all of them if ``limit`` is None)."""

@@ -153,19 +153,13 @@ def _hf_dataset(cfg: DataConfig, root: str, name: str, *, transform) -> torch.ut
                                   reference_classes=reference if layout == "imagefolder" else None)
     classes = hf.split_classes(data, where=where)
     if reference is not None and classes != reference:
-        if _is_classlabel(data):
+        if hf.has_class_names(data):
             raise DataError(f"{where}: class names differ from the training split's ({len(classes)} vs "
                             f"{len(reference)} classes); both splits must share one ClassLabel")
         classes = reference  # plain integer labels: checked against the training split's range below
     hf.check_labels(data, len(classes), where=where)
     return hf.HFImageDataset(data, transform=transform, classes=classes, skip_corrupt=cfg.skip_corrupt,
                              where=where, skipped_at_listing=skipped)
-
-
-def _is_classlabel(data) -> bool:
-    import datasets
-
-    return isinstance(data.features["label"], datasets.ClassLabel)
 
 
 def _build_ffcv_loader(cfg: DataConfig, split: str, **kwargs):
