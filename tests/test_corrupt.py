@@ -121,3 +121,12 @@ def test_bad_input_is_named(tmp_path):
     (tmp_path / "taken" / "something").write_text("x")
     with pytest.raises(FileExistsError, match=r"taken exists and is not a complete copy"):
         C.make_corrupted(src, str(tmp_path / "taken"), progress=False)
+
+
+def test_fap_data_corrupt_is_wired_into_the_command_line(tmp_path):
+    from fap.cli import main
+
+    src = _folder(tmp_path / "src", classes=("a",), per_class=1, size=32, ext=".png")
+    assert main(["data", "corrupt", src, str(tmp_path / "c"), "--corruptions", "contrast",
+                 "--severities", "2", "--num-workers", "0"]) == 0
+    assert os.listdir(tmp_path / "c" / "contrast" / "2" / "a") == ["a_0.jpg"]

@@ -7,10 +7,11 @@ Subcommands::
     fap data to-beton SRC OUT [--splits train val] [--write-mode proportion] [--max-resolution 500]
                               [--jpeg-quality 90] [--compress-probability 0.5]
     fap data inspect PATH [--max-images N | --all] [--json]
+    fap data corrupt SRC OUT [--corruptions ...] [--severities 1 2 3 4 5]   # ImageNet-C-style copy
 
 ``fap.cli`` dispatches ``fap data`` here through :func:`add_arguments` and :func:`run`.
 Each subcommand is a pair ``_add_<name>(parser)`` / ``_run_<name>(args) -> int`` listed
-in :data:`SUBCOMMANDS`; a new one (e.g. ``corrupt``) is one more entry there.
+in :data:`SUBCOMMANDS` (``corrupt`` keeps its pair in `fap.data.corrupt`).
 """
 from __future__ import annotations
 
@@ -128,11 +129,18 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 # -- dispatch -----------------------------------------------------------------------------------
 
+def _corrupt():
+    from fap.data import corrupt  # imports imagecorruptions only when its command runs
+    return corrupt
+
+
 SUBCOMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {
     "demo": ("draw the built-in demo dataset (ImageNet layout, JPEG)", _add_demo, _run_demo),
     "fashion-mnist": ("write Fashion-MNIST's idx files as an ImageNet-layout folder", _add_fashion_mnist,
                       _run_fashion_mnist),
     "to-beton": ("write FFCV .beton files from a folder or HF dataset", _add_to_beton, _run_to_beton),
+    "corrupt": ("write an ImageNet-C-style corrupted copy of an ImageNet-layout split",
+                lambda p: _corrupt().add_arguments(p), lambda a: _corrupt().run(a)),
     "inspect": ("report classes, counts, image sizes and problems of a dataset", _add_inspect, _run_inspect),
 }
 
