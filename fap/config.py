@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from fap.data import DataConfig
+from fap.evaluate import SuiteConfig
 from fap.methods import CONFIGS as METHOD_CONFIGS
 
 __all__ = [
@@ -271,6 +272,9 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # The robustness suite run once on the final weights (`fap.evaluate.run_suite`); off
+    # unless a set or PGD is named, e.g. --final_eval.imagenet_c=/data/imagenet-c.
+    final_eval: SuiteConfig = field(default_factory=lambda: SuiteConfig(clean=False))
 
     @property
     def output_dir(self) -> str:

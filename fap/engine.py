@@ -66,7 +66,7 @@ BRANCHES = ("clean", "noisy", "adversarial")
 RESUME_MAY_CHANGE = (
     "train.name", "train.max_steps", "train.eval_every", "train.eval_batch_size",
     "data.path", "data.num_workers", "data.skip_corrupt",
-    "checkpoint.", "log.",
+    "checkpoint.", "log.", "final_eval.",
 )
 
 
@@ -865,6 +865,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         last_eval_step = state.step
         log({"type": "eval", "step": state.step, "epoch": state.epoch, **last_eval})
 
+    robustness = _final_eval(accelerator, cfg, unwrapped, run_dir, log, state.step)
+
     # ---- export and summary --------------------------------------------------------
     exported = {}
     if c.export:
@@ -888,6 +890,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         "checkpoint_seconds": side_seconds["checkpoint"], "images_per_s": images_trained / max(train_time, 1e-9),
         "output_dir": str(run_dir), "export": exported,
     }
+    if robustness:
+        summary["final_eval"] = robustness
     if accelerator.is_main_process:
         with open(run_dir / "summary.json", "w") as f:
             json.dump(summary, f, indent=1)
@@ -898,6 +902,28 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return summary
+
+
+def _final_eval(accelerator, cfg: TrainConfig, model, run_dir: Path, log, step: int) -> Dict[str, float]:
+    """Run ``cfg.final_eval`` (robustness sets, PGD) on the final weights; log and report it.
+
+    Returns the flat ``{"eval/<set>/<metric>": value}`` numbers, or {} when no set is named.
+    """
+    suite = cfg.final_eval
+    named = suite.pgd_steps or suite.clean or any(
+        getattr(suite, k) for k in ("imagenet_c", "imagenet_r", "imagenet_a", "sketch", "stylized", "v2"))
+    if not named:
+        return {}
+    from fap.data import class_names
+    from fap.evaluate import flatten, format_markdown, run_suite, write_report
+
+    results = run_suite(accelerator, model, suite, data=cfg.data, classes=class_names(cfg.data))
+    flat = flatten(results)
+    log({"type": "final_eval", "step": step, **flat})
+    if accelerator.is_main_process:
+        write_report(results, str(run_dir / "final_eval"))
+    accelerator.print(format_markdown(results))
+    return flat
 
 
 def _full_state_dict(accelerator, model) -> Dict[str, torch.Tensor]:
