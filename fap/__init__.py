@@ -5,12 +5,12 @@
     summary = fap.train(cfg)                     # `accelerate launch` it for many processes
 
 The training API is imported on first use, so ``import fap.norm`` stays light.
+``fap.evaluate`` is the evaluation module (``fap eval``), not an attribute of this one.
 """
 __version__ = "0.1.0"
 
 _LAZY = {
     "train": "fap.engine",
-    "evaluate": "fap.engine",
     "parse_args": "fap.config",
     "peek_method": "fap.config",
     "TrainConfig": "fap.config",
