@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (the fastest is reported)")
     p.add_argument("--engine-steps", type=int, default=20, help="updates per engine-overhead epoch (part 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads; 0: 1 on CPU (a second thread on a 2-core machine shared with the "
+                        "loader worker makes timings swing by 10x), torch's default on GPU")
     p.add_argument("--skip-engine", action="store_true", help="only part 1")
     p.add_argument("--json", default=None, help="also write the numbers here")
 
@@ -227,10 +229,11 @@ def bare_loop(args, data_cfg: DataConfig, n_classes: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (1 if args.device == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     data_cfg = DataConfig(source=args.source, path=args.data, image_size=args.image_size, crop_pct=1.0,
-                          scale=(0.25, 1.0), num_workers=2)
+                          scale=(0.25, 1.0), num_workers=1)
     print(f"device {args.device}, {torch.get_num_threads()} threads, model {args.model} {model_kwargs(args)}, "
           f"{args.image_size}px, loader batch {args.batch}, {args.batches} batches per epoch, {args.rounds} rounds")
     print("part 1: methods")

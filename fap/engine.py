@@ -35,6 +35,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -536,6 +537,20 @@ def _main_process_first(accelerator, fn):
     return result if accelerator.is_main_process else fn()
 
 
+def _warn_oversubscribed(accelerator, num_workers: int) -> None:
+    """On CPU, more busy threads than cores makes OpenMP threads wait on each other: say so."""
+    if accelerator.device.type != "cpu" or not accelerator.is_local_main_process:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    busy = local * (torch.get_num_threads() + num_workers)
+    if busy > cores:
+        warnings.warn(
+            f"{local} process(es) x ({torch.get_num_threads()} torch threads + {num_workers} loader workers) = "
+            f"{busy} busy threads on {cores} cores: CPU training slows down sharply when threads outnumber "
+            "cores; lower torch.set_num_threads / OMP_NUM_THREADS or data.num_workers", stacklevel=3)
+
+
 def _loader_batches(accelerator, loader, prepared: bool, epoch: int, skip: int):
     """This epoch's batches, the first ``skip`` left out (mid-epoch resume)."""
     if hasattr(loader, "set_epoch"):
@@ -600,6 +615,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 cfg.model.num_classes or fdata.num_classes(cfg.data))
 
     train_loader, eval_loader, num_classes = _main_process_first(accelerator, build_data)
+    _warn_oversubscribed(accelerator, cfg.data.num_workers)
 
     # ---- model, method, optimizer ---------------------------------------------------
     m = cfg.model
@@ -794,7 +810,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     total_updates = updates_per_epoch * t.epochs
     if t.max_steps is not None:
         total_updates = min(total_updates, t.max_steps)
-    bar = tqdm(total=total_updates, initial=min(state.step, total_updates), dynamic_ncols=True,
+    bar = tqdm(total=total_updates, initial=min(state.step, total_updates), dynamic_ncols=True, mininterval=1.0,
                disable=not (cfg.log.progress and accelerator.is_main_process), desc=method.name, file=sys.stdout)
     window = _Window(accelerator.device)
     train_start = time.perf_counter()

@@ -3,24 +3,45 @@
     make demo
     # = accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/demo.py
 
-It generates the demo dataset on first use (fap.data.make_demo: 10 classes of drawn shapes
-and textures in clutter, 48 x 48 px, 3000 training and 1000 validation images, ImageNet
-folder layout, about 30 s), trains a small ResNet twice with the same budget of compute,
-prints the two results side by side and saves ``runs/demo/demo.png`` (validation top-1
-against compute spent). On a 2-core CPU the whole job takes about 5 minutes.
+It generates the demo dataset on first use (`fap.data.make_demo`: 10 classes of drawn
+shapes and textures in clutter, 48 x 48 px JPEGs, 5000 training and 1000 validation
+images in the ImageNet folder layout), trains a small ResNet twice with the same compute
+budget, prints the two results side by side and saves ``runs/demo/demo.png``
+(validation top-1 against compute spent) and ``runs/demo/demo.json``.
 
-The comparison is the paper's, scaled down (Mei et al., ICLR 2022, Table 1):
+The comparison is the paper's (Mei et al., ICLR 2022, Table 1), scaled down:
 
-* vanilla: 10 epochs at a batch of 128;
+* vanilla: 12 epochs at a loader batch of 128;
 * Fast AdvProp: the same 128 clean images per step plus 32 for the adversarial split
-  (p_adv = 0.2, batch 160), 1 + p_adv = 1.2x the image-passes per step, so 10 / 1.2 -> 8
-  epochs (`fap.methods.budget_matched`): 0.96x vanilla's compute in total. Auxiliary BN
-  statistics in groups of 16 give Shuffling BN two groups to mix on one process.
+  (p_adv = 0.2, loader batch 160): 1.2x the image-passes per step, so 12 / 1.2 = 10
+  epochs (`fap.methods.budget_matched`), 1.0x vanilla's compute over the run. Auxiliary
+  BN statistics in groups of 16 give Shuffling BN two groups to mix on one process.
 
-What to expect (measured, see the README's demo section for the exact numbers of a run):
-the two reach similar validation accuracy at the same compute, which is the paper's claim
-(76.2 vs 76.5 on ImageNet); a few epochs on 3000 images are too few to resolve a 0.3-point
-difference, so do not read the sign of the gap from one run.
+The model is timm's ``test_resnet`` (0.37 M parameters, BatchNorm), AdamW, 40 px random
+crops and flips: of what we tried, what learns most in a few CPU minutes on these images.
+
+Measured (our run of this file, 2-core CPU shared with other jobs, load average about 4;
+3.5 minutes with the data already made, about 30 s more to make it):
+
+                                 vanilla    Fast AdvProp
+    epochs                            12              10
+    validation top-1 (%)           36.90           28.40
+    validation top-5 (%)           81.80           76.40
+    cost vs vanilla, whole run     1.00x           1.00x
+    training wall time (s)            87              97
+
+At this toy scale Fast AdvProp trails vanilla. It is not the paper's regime: the model is
+far from converged (top-1 still rising every epoch), and at equal compute Fast AdvProp has
+seen 0.8x as many clean images (10 epochs of 128 clean per step against 12). A check at
+equal steps (6 epochs each, same clean images) gave vanilla 26.1, Fast AdvProp 22.0, and
+Fast AdvProp with epsilon = 0 25.0: the adversarial split itself costs accuracy here. The
+paper's +0.3 on ImageNet comes from 87 epochs of a converged ResNet-50; a few CPU minutes
+cannot show it. What the demo does show exactly is the bookkeeping: 1.2x image-passes
+per step, budget-matched to 1.0x over the run, and the exported main-branch model.
+
+Wall time is not compute: on a CPU, Fast AdvProp's smaller per-pass batches run less
+efficiently than one large batch (about 1.35x vanilla per step for a BatchNorm ResNet in
+benchmarks/step_cost.py, against the ideal 1.2x; 1.22x for a LayerNorm ViT).
 """
 import dataclasses
 import json
@@ -28,11 +49,14 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 import fap
 from fap.data import DataConfig
 from fap.methods import CONFIGS, budget_matched
 
-VANILLA_EPOCHS, CLEAN_BATCH = 10, 128
+VANILLA_EPOCHS, CLEAN_BATCH = 12, 128
+LOADER_WORKERS = 1
 METHODS = ("vanilla", "fast_advprop")
 LABELS = {"vanilla": "vanilla", "fast_advprop": "Fast AdvProp"}
 
@@ -47,16 +71,16 @@ def config(method: str, out_dir: str = "runs/demo") -> fap.TrainConfig:
     return fap.TrainConfig(
         train=fap.RunSection(name=f"demo_{method}", epochs=epochs, batch_size=batch, reference_epochs=VANILLA_EPOCHS,
                              seed=0),
-        data=DataConfig(source="demo", path="data/demo", image_size=48, crop_pct=1.0, scale=(0.25, 1.0),
-                        hflip=0.5, num_workers=2),
-        # A ResNet-18 at half width: small enough for a CPU, with BatchNorm for the dual norms.
-        model=fap.ModelConfig(name="resnet18", kwargs={"channels": [32, 64, 128, 256]},
+        data=DataConfig(source="demo", path="data/demo", image_size=40, crop_pct=40 / 48, scale=(0.6, 1.0),
+                        hflip=0.5, num_workers=LOADER_WORKERS),
+        model=fap.ModelConfig(name="test_resnet", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                               dual_norm=method != "vanilla", aux_group_size=16 if method != "vanilla" else None),
         method=method_cfg,
-        optim=fap.OptimConfig(opt="momentum", lr=0.2, lr_base_size=batch, momentum=0.9, weight_decay=5e-4),
-        sched=fap.ScheduleConfig(sched="cosine", warmup_epochs=1, warmup_lr=0.02),
+        # 2e-3 per 128 clean images: lr_base_size is the loader batch that holds them.
+        optim=fap.OptimConfig(opt="adamw", lr=2e-3, lr_base_size=batch, weight_decay=0.05),
+        sched=fap.ScheduleConfig(sched="cosine", warmup_epochs=0.5, warmup_lr=1e-4),
         checkpoint=fap.CheckpointConfig(every_steps=0, every_epochs=0),   # a demo: nothing to resume
-        log=fap.LogConfig(output_dir=f"{out_dir}/{method}", every_steps=5),
+        log=fap.LogConfig(output_dir=f"{out_dir}/{method}", every_steps=10),
     )
 
 
@@ -130,6 +154,11 @@ def table(summaries) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available():
+        # One thread for the model's arithmetic per core not decoding images: OpenMP threads
+        # that outnumber the cores wait on each other (2 threads + 2 loader workers on 2
+        # cores ran 10x slower than 1 + 1 here).
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - LOADER_WORKERS))
     summaries = {}
     out_dir = None
     for method in METHODS:
