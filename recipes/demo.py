@@ -20,15 +20,16 @@ The comparison is the paper's (Mei et al., ICLR 2022, Table 1), scaled down:
 The model is timm's ``test_resnet`` (0.37 M parameters, BatchNorm), AdamW, 40 px random
 crops and flips: of what we tried, what learns most in a few CPU minutes on these images.
 
-Measured (our run of this file, 2-core CPU shared with other jobs, load average about 4;
-3.5 minutes with the data already made, about 30 s more to make it):
+Measured (``make demo`` on this project's 2-core CPU machine, idle: 2 min 49 s in all,
+making the data included; about 4 minutes while other jobs kept the load average near 4.
+The accuracies were identical in both runs -- the demo is deterministic on one machine):
 
                                  vanilla    Fast AdvProp
     epochs                            12              10
     validation top-1 (%)           36.90           28.40
     validation top-5 (%)           81.80           76.40
     cost vs vanilla, whole run     1.00x           1.00x
-    training wall time (s)            87              97
+    training wall time (s)            62              75
 
 At this toy scale Fast AdvProp trails vanilla. It is not the paper's regime: the model is
 far from converged (top-1 still rising every epoch), and at equal compute Fast AdvProp has
