@@ -42,7 +42,7 @@ per step, budget-matched to 1.0x over the run, and the exported main-branch mode
 
 Wall time is not compute: on a CPU, Fast AdvProp's smaller per-pass batches run less
 efficiently than one large batch (about 1.35x vanilla per step for a BatchNorm ResNet in
-benchmarks/step_cost.py, against the ideal 1.2x; 1.22x for a LayerNorm ViT).
+benchmarks/step_cost.py, against the ideal 1.2x; 1.13x for a LayerNorm ViT-Tiny).
 """
 import dataclasses
 import json

@@ -151,3 +151,24 @@ def test_bad_input_is_a_clear_error(tiny_folder, tmp_path, overrides, words):
     for w in words:
         assert w in proc.stderr, (w, proc.stderr[-3000:])
     assert not (out_dir / "checkpoints").exists() or not any((out_dir / "checkpoints").iterdir())
+
+
+def test_ffcv_loader_resumes_exactly_with_accumulation(tiny_folder, tmp_path):
+    """An already-sharded FFCV loader is not prepared; a mid-epoch resume skips its first
+    batches by iterating them, and its evaluation counts each image once."""
+    pytest.importorskip("ffcv")
+    from fap.data.ffcv import convert_to_betons
+
+    betons = tmp_path / "betons"
+    convert_to_betons(str(tiny_folder), str(betons), num_workers=1)
+    common = {"data.source": "ffcv", "train.batch_size": 18, "train.accum_steps": 3, "train.epochs": 2,
+              "train.max_steps": 4, "checkpoint.every_steps": 1}
+    _train(betons, tmp_path / "straight", **common)
+    _train(betons, tmp_path / "split", **{**common, "train.max_steps": 1})
+    _train(betons, tmp_path / "split", **{**common, "checkpoint.resume": "auto"})
+    a, b = load_export(tmp_path / "straight"), load_export(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = [r["loss_clean"] for r in read_log(tmp_path / "straight") if r["type"] == "train"]
+    lb = [r["loss_clean"] for r in read_log(tmp_path / "split") if r["type"] == "train"]
+    assert la == lb and len(la) == 4
+    assert [r["count"] for r in read_log(tmp_path / "straight") if r["type"] == "eval"] == [20, 20]
