@@ -7,7 +7,19 @@ under ``<run>/checkpoints/.tmp-step_XXXXXXXX`` and renamed to ``step_XXXXXXXX`` 
 after every process has finished writing and the marker file `MARKER` (step, epoch,
 world size and the resolved config) is on disk. A directory without the marker, or
 with the ``.tmp-`` prefix, is never loaded, and an existing complete checkpoint is
-never overwritten: a crash during a save leaves the previous checkpoints intact.
+never overwritten: a crash during a save leaves the previous checkpoints intact. Every
+file is fsynced before the marker is written, so the rename publishes only data that is
+on disk; old checkpoints are pruned by renaming them to ``.tmp-del-*`` first, so a kill
+during the deletion never leaves a marked checkpoint with missing files. A save that
+fails (disk full, read-only directory) is a `CheckpointError` on every process that
+names the previous complete checkpoint.
+
+Loading is safe: `verify_checkpoint` opens every pickle-based file of a checkpoint with
+``torch.load(weights_only=True)`` (tensors, containers, numbers and the numpy RNG state,
+nothing else) *before* Accelerate or DeepSpeed touch it, so a crafted pickle is refused
+instead of executed; weights themselves are safetensors. The marker records the fap
+version and checkpoint `FORMAT`; another format or another fap minor version is refused
+(`check_compatible`).
 
 The export is what inference needs and nothing more: the main-branch weights with the
 auxiliary norms stripped (`fap.norm.strip_aux`), loaded strictly into a plain
@@ -28,18 +40,23 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 __all__ = [
     "MARKER",
+    "FORMAT",
     "TrainState",
     "CheckpointError",
     "checkpoint_dir",
     "list_checkpoints",
     "resolve_resume",
     "read_marker",
+    "check_compatible",
+    "verify_checkpoint",
+    "load_checkpoint",
+    "safe_torch_load",
     "save_checkpoint",
     "prune_checkpoints",
     "remove_partial",
@@ -50,8 +67,13 @@ __all__ = [
 ]
 
 MARKER = "fap_checkpoint.json"
+FORMAT = 1  # the layout of a checkpoint directory and its marker; bump on incompatible change
 _NAME = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
+_DEL_PREFIX = ".tmp-del-"
+# Files that torch.load would unpickle (Accelerate: optimizer.bin, scheduler.bin,
+# random_states_*.pkl, custom_checkpoint_*.pkl; DeepSpeed: *.pt in its tag folder).
+_PICKLED = (".pkl", ".bin", ".pt", ".pth")
 
 
 class CheckpointError(RuntimeError):
@@ -68,12 +90,14 @@ class TrainState:
         batch_in_epoch: loader micro-batches of ``epoch`` already consumed (mid-epoch resume).
         images: loader images trained on so far (global).
         best_top1: best evaluation top-1 so far (main norms).
+        nonfinite_skipped: updates skipped for a non-finite loss (``train.nonfinite=skip``).
     """
     epoch: int = 0
     step: int = 0
     batch_in_epoch: int = 0
     images: int = 0
     best_top1: float = 0.0
+    nonfinite_skipped: int = 0
 
     def state_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -92,8 +116,12 @@ def checkpoint_dir(run_dir: os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def read_marker(path: os.PathLike) -> Dict[str, Any]:
-    """The marker of a complete checkpoint; CheckpointError if ``path`` is not one."""
+def read_marker(path: os.PathLike, *, check: bool = True) -> Dict[str, Any]:
+    """The marker of a complete checkpoint; CheckpointError if ``path`` is not one.
+
+    With ``check`` (the default) the checkpoint must also be one this fap can load
+    (`check_compatible`).
+    """
     path = Path(path)
     marker = path / MARKER
     if path.name.startswith(_TMP_PREFIX) or not marker.is_file():
@@ -101,8 +129,131 @@ def read_marker(path: os.PathLike) -> Dict[str, Any]:
             f"{path} is not a complete fap checkpoint (no {MARKER}: it was never finished, "
             "or it is not a checkpoint directory)"
         )
-    with open(marker) as f:
-        return json.load(f)
+    try:
+        with open(marker) as f:
+            info = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{marker} cannot be read as JSON ({e}); the checkpoint is damaged") from e
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{marker} is not a fap checkpoint marker (a JSON object with config, step, ...)")
+    if check:
+        check_compatible(info, path)
+    return info
+
+
+def _minor(version: str) -> Tuple[str, ...]:
+    return tuple(str(version).split(".")[:2])
+
+
+def check_compatible(marker: Dict[str, Any], path: os.PathLike) -> None:
+    """Refuse a checkpoint of another `FORMAT` or another fap minor version (0.1.x vs 0.2.x).
+
+    Raises:
+        CheckpointError: naming both versions and what to do.
+    """
+    from fap import __version__
+
+    fmt, version = marker.get("format"), marker.get("fap_version")
+    if fmt != FORMAT or version is None:
+        raise CheckpointError(
+            f"{path} has checkpoint format {fmt!r} (fap {version or 'unknown'}); this fap {__version__} reads "
+            f"format {FORMAT} only. Resume it with the fap version that wrote it, or start a new run directory"
+        )
+    if _minor(version) != _minor(__version__):
+        raise CheckpointError(
+            f"{path} was written by fap {version}; this is fap {__version__}. Checkpoints are compatible within "
+            f"one minor version ({'.'.join(_minor(__version__))}.x): resume with fap {version}, or start a new "
+            "run directory"
+        )
+
+
+def _safe_globals() -> List[Any]:
+    """What a fap checkpoint may contain besides tensors and containers: the numpy RNG state."""
+    import codecs
+
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    allowed: List[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in ("UInt32DType", "Int64DType", "Float64DType") if hasattr(dtypes, n)]
+    return allowed
+
+
+def safe_torch_load(path: os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` that also admits the numpy RNG state.
+
+    Raises:
+        CheckpointError: ``path`` holds a pickled object that is not plain data (a
+            crafted file would run code under ``weights_only=False``), or cannot be read.
+    """
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not mmap or "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location=map_location, weights_only=True)  # legacy format
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        m = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([^\s]+)", text)
+        what = f" (it references {m.group(1)})" if m else ""
+        raise CheckpointError(
+            f"{path}: refused to load{what}: it contains a pickled object that is not plain tensor data, and "
+            "fap never unpickles code (torch.load weights_only=True). The file was not written by fap; replace the "
+            "checkpoint, or resume from another one"
+        ) from e
+    except (OSError, EOFError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {e}); the checkpoint is damaged") from e
+
+
+def verify_checkpoint(path: os.PathLike) -> Dict[str, Any]:
+    """Check a checkpoint before anything loads it; return its marker.
+
+    The marker must be complete and compatible, every pickle-based file (``.pkl``,
+    ``.bin``, ``.pt``, ``.pth``, DeepSpeed's shards included) must load with
+    ``weights_only=True`` (memory-mapped, so this reads headers, not the tensors), and
+    every ``.safetensors`` file must have a readable header.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    marker = read_marker(path)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        if f.suffix in _PICKLED:
+            safe_torch_load(f, mmap=True)
+        elif f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    sf.keys()
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{f} is not a readable safetensors file ({e}); the checkpoint is damaged") from e
+    return marker
+
+
+def load_checkpoint(accelerator, path: os.PathLike) -> Dict[str, Any]:
+    """`verify_checkpoint`, then ``accelerator.load_state``; return the marker.
+
+    Raises:
+        CheckpointError: the checkpoint is unsafe, damaged, incompatible, or its tensors do
+            not fit this model / optimizer (another model's checkpoint).
+    """
+    marker = verify_checkpoint(path)
+    try:
+        accelerator.load_state(str(path))
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} does not fit this run's model or optimizer ({type(e).__name__}: "
+                              f"{str(e)[:2000]})") from e
+    return marker
 
 
 def list_checkpoints(run_dir: os.PathLike) -> List[Path]:
@@ -170,7 +321,7 @@ def resolve_resume(resume: str, run_dir: os.PathLike) -> Optional[Path]:
 # ------------------------------------------------------------------------------------
 
 def remove_partial(accelerator, run_dir: os.PathLike) -> None:
-    """Delete unfinished checkpoint directories left by a crash (main process)."""
+    """Delete unfinished saves and interrupted prunes left by a crash (main process)."""
     if accelerator.is_main_process:
         for p in _partial(run_dir):
             if p.name.startswith(_TMP_PREFIX):
@@ -178,13 +329,35 @@ def remove_partial(accelerator, run_dir: os.PathLike) -> None:
     accelerator.wait_for_everyone()
 
 
+def _agree(accelerator, error: Optional[BaseException]) -> Optional[str]:
+    """The first process's error message, on every process (None when all succeeded)."""
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    if accelerator.num_processes == 1:
+        return message
+    from accelerate.utils import gather_object
+
+    failed = [m for m in gather_object([message]) if m is not None]
+    return failed[0] if failed else None
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
 def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker: Dict[str, Any]) -> Path:
     """Save the Accelerate state as ``checkpoints/step_<state.step>``, atomically.
 
-    Every process writes its part into a temporary directory; after a barrier the main
-    process writes the marker, fsyncs it and renames the directory. If the final
-    directory exists already (the same update saved twice, e.g. at an epoch end that is
-    also an every-N-steps point), nothing is written.
+    Every process writes its part into a temporary directory and fsyncs it; after all
+    have succeeded the main process writes the marker, fsyncs it and renames the
+    directory. If the final directory exists already (the same update saved twice, e.g.
+    at an epoch end that is also an every-N-steps point), nothing is written.
 
     Args:
         accelerator: the run's Accelerator (all processes call this).
@@ -194,28 +367,64 @@ def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker
 
     Returns:
         The checkpoint directory.
+
+    Raises:
+        CheckpointError: on every process, if any process could not write (disk full,
+            read-only or vanished directory); it names the previous complete checkpoint,
+            which is untouched. The unfinished directory is removed where possible.
     """
+    from fap import __version__
+
     root = checkpoint_dir(run_dir)
     final = root / f"step_{state.step:08d}"
     if (final / MARKER).is_file():
         return final
     tmp = root / f"{_TMP_PREFIX}{final.name}"
+
+    def fail(message: str) -> CheckpointError:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(run_dir)
+        kept = (f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists")
+        return CheckpointError(
+            f"could not write checkpoint {final} ({message}); {kept}. Free space or fix the permissions of "
+            f"{root}, then continue with --checkpoint.resume=auto"
+        )
+
+    error: Optional[BaseException] = None
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        except OSError as e:
+            error = e
+    failed = _agree(accelerator, error)  # also the barrier before anyone writes
+    if failed:
+        raise fail(failed)
+    try:
+        accelerator.save_state(str(tmp))
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        error = e
+    failed = _agree(accelerator, error)
+    if failed:
+        raise fail(failed)
     if accelerator.is_main_process:
-        info = {**marker, **state.state_dict(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        with open(tmp / MARKER, "w") as f:
-            json.dump(info, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    accelerator.wait_for_everyone()
+        try:
+            info = {**marker, **state.state_dict(), "format": FORMAT, "fap_version": __version__,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            with open(tmp / MARKER, "w") as f:
+                json.dump(info, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        except OSError as e:
+            error = e
+    failed = _agree(accelerator, error)
+    if failed:
+        raise fail(failed)
     return final
 
 
@@ -233,10 +442,20 @@ def _fsync_dir(path: Path) -> None:
 
 
 def prune_checkpoints(accelerator, run_dir: os.PathLike, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints (0 keeps all); main process deletes."""
+    """Keep the newest ``keep`` complete checkpoints (0 keeps all); main process deletes.
+
+    Each old checkpoint is first renamed to ``.tmp-del-step_*`` (atomic), then deleted:
+    a kill in between leaves a directory that is never loaded and is removed at the next
+    start, never a marked checkpoint with files missing.
+    """
     if keep > 0 and accelerator.is_main_process:
         for p in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+            doomed = p.with_name(f"{_DEL_PREFIX}{p.name}")
+            try:
+                os.replace(p, doomed)
+            except OSError:
+                continue  # e.g. a read-only directory: keeping an old checkpoint is harmless
+            shutil.rmtree(doomed, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -321,6 +540,7 @@ def load_checkpoint_weights(path: os.PathLike, *, ema: bool = False) -> Dict[str
 
     Works for plain/DDP checkpoints (``model.safetensors``) and DeepSpeed ZeRO-2/3 ones
     (consolidated from the shards with DeepSpeed's ``zero_to_fp32``), in one process.
+    Nothing is unpickled beyond plain data (`safe_torch_load`, `verify_checkpoint`).
     """
     path = Path(path)
     marker = read_marker(path)
@@ -328,15 +548,16 @@ def load_checkpoint_weights(path: os.PathLike, *, ema: bool = False) -> Dict[str
         index = marker.get("ema_index")
         if index is None:
             raise CheckpointError(f"{path} has no EMA (the run had ema.enabled=False)")
-        state = torch.load(path / f"custom_checkpoint_{index}.pkl", map_location="cpu", weights_only=False)
+        state = safe_torch_load(path / f"custom_checkpoint_{index}.pkl")
         return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
             if name.endswith(".safetensors"):
                 from safetensors.torch import load_file
                 return load_file(str(path / name))
-            return torch.load(path / name, map_location="cpu", weights_only=True)
+            return safe_torch_load(path / name)
     if (path / "pytorch_model").is_dir():
+        verify_checkpoint(path)  # DeepSpeed's loader unpickles without weights_only
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
     raise CheckpointError(f"{path}: no model weights found (model.safetensors, pytorch_model.bin or "

@@ -81,6 +81,13 @@ class RunSection:
         eval_every: evaluate every N epochs (and always at the end); 0 only at the end.
         reference_epochs: the vanilla budget this run is compared with (e.g. 105 for
             ResNet-50), for the whole-run cost ratio in the summary; None = ``epochs``.
+        nonfinite: what a NaN/Inf loss does: ``"stop"`` the run with an error naming the
+            update, the branch (clean / noisy / adversarial) and the last good checkpoint,
+            before the update is applied; or ``"skip"`` the update (weights, optimizer,
+            norm statistics and EMA untouched), counted in the log and summary. Not
+            available under DeepSpeed, whose engine steps inside its own call.
+        dist_timeout_s: seconds a collective may wait for another process before this
+            one fails (a dead rank ends the run instead of hanging it).
     """
     name: str = "run"
     seed: int = 0
@@ -95,6 +102,8 @@ class RunSection:
     max_steps: Optional[int] = None
     eval_every: int = 1
     reference_epochs: Optional[int] = None
+    nonfinite: Literal["stop", "skip"] = "stop"
+    dist_timeout_s: int = 1800
 
 
 @dataclass
@@ -620,6 +629,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              f"train.eval_batch_size={t.eval_batch_size}: expected None or an int >= 1")
     _require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps={t.max_steps}: expected None or an int >= 1")
     _require(t.eval_every >= 0, f"train.eval_every={t.eval_every}: expected an int >= 0")
+    _require(t.dist_timeout_s >= 1, f"train.dist_timeout_s={t.dist_timeout_s}: expected an int >= 1 (seconds)")
     _require(t.reference_epochs is None or t.reference_epochs >= 1,
              f"train.reference_epochs={t.reference_epochs}: expected None or an int >= 1")
     _require(o.lr > 0, f"optim.lr={o.lr}: expected a number > 0")

@@ -47,28 +47,35 @@ from fap.checkpoint import (
     TrainState,
     export_timm,
     list_checkpoints,
+    load_checkpoint,
     prune_checkpoints,
-    read_marker,
     remove_partial,
     resolve_resume,
     save_checkpoint,
+    verify_checkpoint,
 )
 from fap.config import ConfigError, TrainConfig, diff, method_name, to_dict, validate
 from fap.methods import build_method
 from fap.models import create_model
 from fap.norm import route
 
-__all__ = ["train", "evaluate", "MethodRNG", "RESUME_MAY_CHANGE"]
+__all__ = ["train", "evaluate", "MethodRNG", "NonFiniteLossError", "RESUME_MAY_CHANGE"]
 
 BRANCHES = ("clean", "noisy", "adversarial")
 
 # Keys that may differ between a checkpoint's config and the run that resumes it; any
 # other difference would make the resumed run a different experiment, and is an error.
 RESUME_MAY_CHANGE = (
-    "train.name", "train.max_steps", "train.eval_every", "train.eval_batch_size",
+    "train.name", "train.max_steps", "train.eval_every", "train.eval_batch_size", "train.nonfinite",
+    "train.dist_timeout_s",
     "data.path", "data.num_workers", "data.skip_corrupt",
     "checkpoint.", "log.", "final_eval.",
 )
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/Inf loss with ``train.nonfinite=stop``; the message names the update, the
+    branch and the last good checkpoint."""
 
 
 # ------------------------------------------------------------------------------------
@@ -171,10 +178,15 @@ def _make_accelerator(cfg: TrainConfig, run_dir: Path):
         # evaluation (`_average_bn_stats`), as under DeepSpeed, which never syncs buffers.
         DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False),
     ]
-    if on_cpu and (world_env > 1 or (deepspeed and "MASTER_ADDR" in os.environ)):
-        # gloo on CPU. Only when distributed: with a backend set, Accelerate would query a
-        # process group that a plain `python recipe.py` never creates.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if world_env > 1 or (deepspeed and "MASTER_ADDR" in os.environ):
+        # Only when distributed: with a backend set, Accelerate would query a process group
+        # that a plain `python recipe.py` never creates. gloo on CPU; the timeout bounds how
+        # long a collective waits for a process that died.
+        from datetime import timedelta
+
+        timeout = timedelta(seconds=cfg.train.dist_timeout_s)
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timeout) if on_cpu
+                        else InitProcessGroupKwargs(timeout=timeout))
     for tracker in cfg.log.trackers:
         _check_tracker(tracker)
     accelerator = Accelerator(
@@ -596,13 +608,18 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     micro = t.batch_size // (world * t.accum_steps)
     resume_from = resolve_resume(cfg.checkpoint.resume, run_dir)
     if resume_from is not None:
-        _check_resume_config(read_marker(resume_from), cfg, resume_from, world)
+        # Safe (nothing but plain data is unpickled), complete, of this fap version, and
+        # the same experiment: checked before anything is written.
+        _check_resume_config(verify_checkpoint(resume_from), cfg, resume_from, world)
     _deepspeed_preflight(cfg, micro, world)
     accelerator, precision = _make_accelerator(cfg, run_dir)
     rank = accelerator.process_index
     eval_micro = max(1, math.ceil((t.eval_batch_size or t.batch_size) / world))
     zero_stage = _configure_deepspeed(accelerator, cfg, micro)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and t.nonfinite == "skip":
+        raise ConfigError("train.nonfinite='skip' is not available under DeepSpeed (its engine applies the update "
+                          "inside its own step); use train.nonfinite=stop, which stops before the update is saved")
 
     # ---- data ---------------------------------------------------------------------
     set_seed(t.seed)  # identical on every rank: the model's initial weights must match
@@ -672,7 +689,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
               "zero_stage": zero_stage, "ema_index": ema_index}
     remove_partial(accelerator, run_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        load_checkpoint(accelerator, resume_from)
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step})")
 
     # How the gradients of one update's backward passes are reduced across processes.
@@ -703,6 +720,11 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         log_file = open(run_dir / "log.jsonl", "a")
     if cfg.log.trackers:
         accelerator.init_trackers(cfg.train.name, config=_flat(to_dict(cfg)))
+    if resume_from is not None and log_file is not None:
+        # The log is append-only: records after this line repeat the steps after the checkpoint.
+        log_file.write(json.dumps({"type": "resume", "step": state.step, "epoch": state.epoch,
+                                   "from": str(resume_from)}) + "\n")
+        log_file.flush()
 
     def log(record: Dict[str, Any]) -> None:
         if log_file is not None:
@@ -743,17 +765,38 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         x = fdata.to_unit_float(images.to(accelerator.device, non_blocking=True))
         return x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
 
-    def update(batches: List[Tuple[torch.Tensor, torch.Tensor]], window: _Window) -> Optional[float]:
+    def nonfinite(metrics: List[Dict[str, Any]], grad_norm=None) -> List[str]:
+        """Branches whose loss is NaN/Inf on any process (one small all-reduce)."""
+        flags = torch.zeros(len(BRANCHES) + 1, dtype=torch.float32, device=accelerator.device)
+        for mt in metrics:
+            for i, branch in enumerate(BRANCHES):
+                if mt.get(f"count_{branch}"):
+                    flags[i] += (~torch.isfinite(mt[f"loss_{branch}"].detach().float())).sum()
+        if grad_norm is not None:
+            flags[-1] += (~torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32))).sum().to(flags.device)
+        if world > 1:
+            flags = accelerator.reduce(flags, reduction="sum")
+        return [name for name, f in zip(BRANCHES + ("gradients",), flags.tolist()) if f > 0]
+
+    def update(batches: List[Tuple[torch.Tensor, torch.Tensor]], window: _Window):
+        """One optimizer update; returns ``(grad_norm, bad)``, where ``bad`` lists the
+        branches with a non-finite loss (then the update was not applied, except under
+        DeepSpeed without coalescing, whose last backward already stepped)."""
         n = len(batches)
         grad_norm = None
+        metrics: List[Dict[str, Any]] = []
+        buffers = ([b.detach().clone() for b in unwrapped.buffers()] if t.nonfinite == "skip" else None)
         if deepspeed and coalesce:
             accelerator.sync_gradients = False
             try:
                 with model.coalesce_grad_reduction():
                     for x, y in batches:
-                        window.add(run_micro(x, y, contextlib.nullcontext))
+                        metrics.append(run_micro(x, y, contextlib.nullcontext))
             finally:
                 accelerator.sync_gradients = True
+            bad = nonfinite(metrics)
+            if bad:
+                return None, bad
             model.set_gradient_accumulation_boundary(True)
             model.step()  # clipping (gradient_clipping) + optimizer step + zero_grad
             grad_norm = model.get_global_grad_norm()
@@ -761,21 +804,34 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             for i, (x, y) in enumerate(batches):
                 outer = contextlib.nullcontext() if i == n - 1 else ds_no_sync()
                 with outer:  # the last backward of the last micro-batch steps the engine
-                    window.add(run_micro(x, y, ds_no_sync))
+                    metrics.append(run_micro(x, y, ds_no_sync))
+            bad = nonfinite(metrics)
+            if bad:
+                return None, bad
             grad_norm = model.get_global_grad_norm()
         else:
             no_sync = lambda: accelerator.no_sync(model)  # noqa: E731
             for i, (x, y) in enumerate(batches):
                 outer = contextlib.nullcontext() if i == n - 1 else accelerator.no_sync(model)
                 with outer:
-                    window.add(run_micro(x, y, no_sync))
+                    metrics.append(run_micro(x, y, no_sync))
             if cfg.optim.clip_grad:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            bad = nonfinite(metrics, grad_norm)
+            if bad:
+                optimizer.zero_grad(set_to_none=True)
+                if buffers is not None:  # the forward passes updated the norm statistics
+                    with torch.no_grad():
+                        for b, saved in zip(unwrapped.buffers(), buffers):
+                            b.copy_(saved)
+                return None, bad
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        for mt in metrics:
+            window.add(mt)
         if grad_norm is not None and hasattr(grad_norm, "item"):
             grad_norm = grad_norm.item()
-        return grad_norm
+        return grad_norm, []
 
     side_seconds = {"eval": 0.0, "checkpoint": 0.0}  # time outside training, kept out of images/s
 
@@ -835,12 +891,29 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 scheduler.step_update(num_updates=state.step)
             lr_now = max(g["lr"] for g in optimizer.param_groups)
             with rng.scope():
-                grad_norm = update(pending, window)
+                grad_norm, bad = update(pending, window)
             pending = []
+            if bad:
+                record = {"type": "nonfinite", "step": state.step + 1, "epoch": epoch, "branches": bad}
+                if t.nonfinite == "stop":
+                    log({**record, "action": "stop"})
+                    good = list_checkpoints(run_dir)
+                    raise NonFiniteLossError(
+                        f"non-finite loss in update {state.step + 1} (epoch {epoch}, loader batch "
+                        f"{state.batch_in_epoch} of the epoch): the {' and '.join(bad)} "
+                        f"{'loss is' if bad != ['gradients'] else 'norm is'} NaN/Inf. The run stopped without "
+                        f"saving this update; the last good checkpoint is "
+                        f"{good[-1] if good else 'none (no checkpoint was written yet)'}. Resume it with "
+                        "--checkpoint.resume=auto (e.g. with a lower optim.lr or with optim.clip_grad), or "
+                        "pass --train.nonfinite=skip to skip such updates (counted in the log)")
+                state.nonfinite_skipped += 1
+                log({**record, "action": "skip", "skipped_total": state.nonfinite_skipped})
+                accelerator.print(f"warning: update {state.step + 1} skipped: non-finite {', '.join(bad)} "
+                                  f"({state.nonfinite_skipped} skipped so far)")
             state.step += 1
             state.images += images_per_update
             window.updates += 1
-            if ema is not None:
+            if ema is not None and not bad:
                 ema.update(unwrapped, step=state.step)
             bar.update(1)
             if state.step % cfg.log.every_steps == 0 or state.step == total_updates:
@@ -904,6 +977,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         "ema_top1": last_eval.get("ema_top1"), "best_top1": state.best_top1,
         "train_seconds": train_time, "eval_seconds": side_seconds["eval"],
         "checkpoint_seconds": side_seconds["checkpoint"], "images_per_s": images_trained / max(train_time, 1e-9),
+        "nonfinite_skipped": state.nonfinite_skipped,
         "output_dir": str(run_dir), "export": exported,
     }
     if robustness:

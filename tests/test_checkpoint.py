@@ -63,7 +63,8 @@ SAVE_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from accelerate import Accelerator
-    from fap.checkpoint import (TrainState, list_checkpoints, remove_partial, resolve_resume, save_checkpoint)
+    from fap.checkpoint import (CheckpointError, TrainState, list_checkpoints, remove_partial, resolve_resume,
+                                save_checkpoint)
 
     run_dir = Path(sys.argv[1])
     acc = Accelerator(cpu=True)
@@ -88,13 +89,15 @@ SAVE_SCRIPT = textwrap.dedent("""
     try:
         save_checkpoint(acc, run_dir, state, {"config": {}})
         raise SystemExit("the crash was not raised")
-    except OSError:
-        pass
+    except CheckpointError as e:  # names the failure and the checkpoint that is still good
+        assert "disk full" in str(e) and f"the previous checkpoint {first} is intact" in str(e), e
     acc.save_state = real_save
     assert list_checkpoints(run_dir) == [first], list_checkpoints(run_dir)
     assert digest(first) == before, "the complete checkpoint changed"
-    assert (run_dir / "checkpoints" / ".tmp-step_00000002").is_dir()
+    assert not (run_dir / "checkpoints" / ".tmp-step_00000002").exists()  # the failed save cleaned up
     assert resolve_resume("auto", run_dir) == first
+    # A save killed before it could clean up leaves a .tmp- directory; the next start removes it.
+    (run_dir / "checkpoints" / ".tmp-step_00000002").mkdir()
     remove_partial(acc, run_dir)
     assert not (run_dir / "checkpoints" / ".tmp-step_00000002").exists()
 
