@@ -124,6 +124,12 @@ def _ghost_bn_forward(bn, x, weight, bias, group_size: int, factor: float):
     Each group is normalised by its own statistics, exactly as a BN replica on one GPU
     of a DDP job would be; the running statistics are updated once, with the mean of the
     groups' statistics (what averaging the replicas' buffers would give).
+
+    The groups' statistics come out of the batch-norm kernel itself: each group's call
+    gets a scratch running buffer with momentum 1, which the kernel overwrites with that
+    group's mean and unbiased variance. Recomputing them from ``x`` instead (a variance
+    over non-adjacent dimensions) cost more than the normalisation's forward and backward
+    together on CPU (4 ms against 2 ms for 20×64×24×24, 1 thread).
     """
     n = x.shape[0]
     if n % group_size != 0:
@@ -132,17 +138,17 @@ def _ghost_bn_forward(bn, x, weight, bias, group_size: int, factor: float):
             f"choose a group size that divides B_a (e.g. {_divisors_hint(n)})"
         )
     chunks = x.split(group_size, dim=0)
-    out = torch.cat([F.batch_norm(c, None, None, weight, bias, True, 0.0, bn.eps) for c in chunks])
-    if bn.track_running_stats and bn.running_mean is not None:
-        with torch.no_grad():
-            dims = [0] + list(range(2, x.dim()))
-            xf = x.detach().float().view(n // group_size, group_size, *x.shape[1:])
-            gdims = [d + 1 for d in dims]
-            count = group_size * (x[0, 0].numel() if x.dim() > 2 else 1)
-            mean = xf.mean(dim=gdims).mean(0)
-            var = xf.var(dim=gdims, unbiased=False).mean(0) * (count / max(count - 1, 1))
-            bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-            bn.running_var.mul_(1 - factor).add_(var.to(bn.running_var.dtype), alpha=factor)
+    if not (bn.track_running_stats and bn.running_mean is not None):
+        return torch.cat([F.batch_norm(c, None, None, weight, bias, True, 0.0, bn.eps) for c in chunks])
+    groups = len(chunks)
+    means = bn.running_mean.new_zeros((groups,) + bn.running_mean.shape)
+    vars_ = bn.running_var.new_ones((groups,) + bn.running_var.shape)
+    out = torch.cat([
+        F.batch_norm(c, means[i], vars_[i], weight, bias, True, 1.0, bn.eps) for i, c in enumerate(chunks)
+    ])
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - factor).add_(means.mean(0), alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(vars_.mean(0), alpha=factor)
     return out
 
 
@@ -263,7 +269,10 @@ class DualNorm(nn.Module):
             elif n <= 0:
                 out = aux(x)
             else:
-                out = torch.cat([self._main(x[:n]), aux(x[n:])], dim=0)
+                # One split (its backward is one concatenation) rather than two slices
+                # (each slice's backward zero-fills a full-size gradient, then they add).
+                x_main, x_aux = x.split([n, x.shape[0] - n], dim=0)
+                out = torch.cat([self._main(x_main), aux(x_aux)], dim=0)
         return self._post(out)
 
     def extra_repr(self) -> str:

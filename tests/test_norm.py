@@ -183,6 +183,31 @@ def test_ghost_batch_statistics_per_group():
             model(torch.randn(10, 3, 2, 2))
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("bn_cls,shape", [(nn.BatchNorm1d, (12, 3)), (nn.BatchNorm2d, (12, 3, 2, 2))])
+def test_ghost_running_statistics_match_the_groups_in_fp64(bn_cls, shape, momentum):
+    """The groups' statistics taken from the kernel equal the textbook ones, over two
+    steps (so both the decay and the cumulative average with momentum=None show)."""
+    torch.manual_seed(0)
+    model = convert_dual_norm(nn.Sequential(bn_cls(3, momentum=momentum)), aux_group_size=4).double()
+    aux = getattr(model[0], AUX_NAME)
+    mean_ref, var_ref = aux.running_mean.clone(), aux.running_var.clone()
+    for step in (1, 2):
+        x = torch.randn(*shape, dtype=torch.float64) * step + torch.arange(12.0, dtype=torch.float64).view(
+            12, *([1] * (len(shape) - 1)))
+        with route(model, "aux"):
+            model(x)
+        dims = [0] + list(range(2, x.dim()))
+        means = torch.stack([c.mean(dim=dims) for c in x.split(4)]).mean(0)
+        vars_ = torch.stack([c.var(dim=dims, unbiased=True) for c in x.split(4)]).mean(0)
+        f = 0.1 if momentum is not None else 1.0 / step
+        mean_ref = (1 - f) * mean_ref + f * means
+        var_ref = (1 - f) * var_ref + f * vars_
+        torch.testing.assert_close(aux.running_mean, mean_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(aux.running_var, var_ref, rtol=1e-12, atol=1e-12)
+        assert int(aux.num_batches_tracked) == step
+
+
 def test_grad_scale_multiplies_affine_gradients_only():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
