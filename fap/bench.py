@@ -13,6 +13,16 @@ interleaved (method 1, 2, ..., then again); the fastest round is reported (as ``
 does: other load on a shared machine only ever adds time), with the median beside it,
 and the process CPU time, which other processes disturb less than wall time.
 
+Fast AdvProp runs as the recipes train it: auxiliary BatchNorm statistics in ghost groups
+of ``--aux-group-size`` 16 and Shuffling BN between them. The default loader batch 160
+(128 clean + 32 adversarial) is the reference layout per GPU (64 + 16) on two emulated
+GPUs, so Shuffling BN has two groups to regroup across. At a batch whose B_a does not
+split into two groups (e.g. 100: B_a = 20) Fast AdvProp runs with one BN group and no
+shuffle, which is cheaper than what the recipes train; the table says which it was.
+``--batch 100,160,320`` measures several batch sizes in one run: small batches cost
+Fast AdvProp relatively more, since its passes are 0.8 B and 0.2 B images and smaller
+batches run fewer images per second.
+
 Part 2 (engine overhead): one vanilla epoch through ``fap.train`` against a bare PyTorch
 loop (same model, data loader, optimizer and loss), training time only (fap's summary
 excludes its evaluation and checkpoint time).
@@ -32,13 +42,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+import warnings
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
 from fap.data import DataConfig, build_loader, num_classes, to_unit_float
 from fap.methods import budget_matched, build_method
+from fap.methods.fast_advprop import split_sizes
 from fap.models import create_model
+from fap.norm import set_aux_group_size
 
 __all__ = ["add_arguments", "run", "main"]
 
@@ -58,7 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", default="32,64,128,256", help="ResNet widths ('' = the model's own)")
     p.add_argument("--model-kwargs", default="{}", help='more timm.create_model arguments, JSON (e.g. {"patch_size": 4})')
     p.add_argument("--image-size", type=int, default=48)
-    p.add_argument("--batch", type=int, default=100, help="loader batch (Fast AdvProp: 80 clean + 20 adversarial)")
+    p.add_argument("--batch", type=_batch_sizes, default=160,
+                   help="loader batch (Fast AdvProp: 128 clean + 32 adversarial); a comma list (e.g. 100,160,320) "
+                        "runs part 1 once per batch size")
+    p.add_argument("--aux-group-size", type=int, default=16,
+                   help="Fast AdvProp's auxiliary BN groups (ghost batches), as the recipes train: groups of 16 "
+                        "emulate 16 adversarial images per GPU, and Shuffling BN regroups them. Used when it splits "
+                        "B_a into at least 2 groups; otherwise (or 0) one group, and Shuffling BN is a no-op")
     p.add_argument("--batches", type=int, default=8, help="loader batches per 'epoch' in part 1")
     p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (the fastest is reported)")
     p.add_argument("--engine-steps", type=int, default=20, help="updates per engine-overhead epoch (part 2)")
@@ -68,6 +87,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "loader worker makes timings swing by 10x), torch's default on GPU")
     p.add_argument("--skip-engine", action="store_true", help="only part 1")
     p.add_argument("--json", default=None, help="also write the numbers here")
+
+
+def _batch_sizes(text: str) -> Union[int, Tuple[int, ...]]:
+    sizes = tuple(int(v) for v in str(text).split(",") if v.strip())
+    if not sizes or any(b < 2 for b in sizes):
+        raise argparse.ArgumentTypeError(f"--batch must be an int >= 2 or a comma list of them, got {text!r}")
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def aux_groups(args, method) -> Optional[int]:
+    """The ghost-group size Fast AdvProp runs with at this batch, or None (one BN group)."""
+    g = getattr(args, "aux_group_size", 0)
+    if not g:
+        return None
+    _, b_a = split_sizes(args.batch, method.config.p_adv)
+    return g if (b_a % g == 0 and b_a // g >= 2) else None
 
 
 def model_kwargs(args) -> Dict:
@@ -126,14 +161,18 @@ def part1(args, data_cfg: DataConfig) -> Dict[str, Dict]:
     def make_step(method, model, opt):
         def step(images, labels):
             x = to_unit_float(images.to(device, non_blocking=True))
-            method.train_step(model, x, labels.to(device), lambda loss: loss.backward())
+            with warnings.catch_warnings():  # "Shuffling BN is a no-op": the table says so
+                warnings.filterwarnings("ignore", message="Shuffling BN is a no-op")
+                method.train_step(model, x, labels.to(device), lambda loss: loss.backward())
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
 
+    groups = {name: aux_groups(args, m) if name.startswith("fast_advprop") else None for name, m in methods.items()}
     for r in range(args.rounds):
         for name, method in methods.items():
             model = copy.deepcopy(init).train()
+            set_aux_group_size(model, groups[name])
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             step = make_step(method, model, opt)
             for images, labels in batches[:2]:  # warm-up (allocator, oneDNN/cuDNN primitives)
@@ -168,6 +207,7 @@ def part1(args, data_cfg: DataConfig) -> Dict[str, Dict]:
             "image_pass_ratio": cost.ratio,
             "peak_memory_mib": peak[name],
             "budget_matched_total_ratio": per_epoch / vanilla * epochs_factor,
+            "aux_group_size": groups[name],
             "all_seconds": times[name],
             "all_cpu_seconds": cpu[name],
         }
@@ -234,22 +274,24 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     data_cfg = DataConfig(source=args.source, path=args.data, image_size=args.image_size, crop_pct=1.0,
                           scale=(0.25, 1.0), num_workers=1)
+    sizes = args.batch if isinstance(args.batch, tuple) else (args.batch,)
     print(f"device {args.device}, {torch.get_num_threads()} threads, model {args.model} {model_kwargs(args)}, "
-          f"{args.image_size}px, loader batch {args.batch}, {args.batches} batches per epoch, {args.rounds} rounds")
-    print("part 1: methods")
-    res = part1(args, data_cfg)
-    header = f"{'method':>20} {'s/epoch':>9} {'vs vanilla':>11} {'(median)':>9} {'(CPU time)':>10} " \
-             f"{'image-passes':>13} {'(ratio)':>8} {'peak MiB':>9} {'budget-matched total':>21}"
-    lines = [header]
-    for name, r in res.items():
-        total = f"{r['budget_matched_total_ratio']:.3f}x" if name.startswith("fast_advprop") else "-"
-        lines.append(f"{name:>20} {r['seconds_per_epoch']:9.2f} {r['ratio_to_vanilla']:10.3f}x "
-                     f"{r['median_ratio_to_vanilla']:8.3f}x {r['cpu_ratio_to_vanilla']:9.3f}x {r['image_passes_per_epoch']:13d} {r['image_pass_ratio']:7.2f}x {r['peak_memory_mib']:9.1f} "
-                     f"{total:>21}")
-    out = {"args": vars(args), "methods": res}
+          f"{args.image_size}px, loader batch {', '.join(map(str, sizes))}, {args.batches} batches per epoch, "
+          f"{args.rounds} rounds")
+    lines, by_batch = [], {}
+    for b in sizes:
+        sub = copy.copy(args)
+        sub.batch = b
+        print(f"part 1: methods, loader batch {b}")
+        res = part1(sub, data_cfg)
+        by_batch[b] = res
+        lines += ["", table(sub, res)]
+    out = {"args": vars(args), "methods": by_batch[sizes[0]], "by_batch": {str(b): r for b, r in by_batch.items()}}
     if not args.skip_engine:
-        print("part 2: engine overhead (vanilla)")
-        eng = part2(args, data_cfg)
+        sub = copy.copy(args)
+        sub.batch = sizes[0]
+        print(f"part 2: engine overhead (vanilla, loader batch {sizes[0]})")
+        eng = part2(sub, data_cfg)
         out["engine"] = eng
         lines.append("")
         lines.append(f"engine overhead: fap.train {eng['fap_seconds']:.2f} s vs bare PyTorch loop {eng['bare_seconds']:.2f} s "
@@ -258,6 +300,26 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def table(args, res: Dict[str, Dict]) -> str:
+    """Part 1's results at one batch size, one line per method."""
+    fast = build_method("fast_advprop")
+    b_c, b_a = split_sizes(args.batch, fast.config.p_adv)
+    g = aux_groups(args, fast)
+    bn = (f"aux BN in {b_a // g} groups of {g}, Shuffling BN on" if g else
+          f"aux BN in one group (--aux-group-size {args.aux_group_size} does not split B_a={b_a} into >= 2 "
+          "groups), Shuffling BN a no-op")
+    lines = [f"loader batch {args.batch}: Fast AdvProp {b_c} clean + {b_a} adversarial, {bn}",
+             f"{'method':>20} {'s/epoch':>9} {'vs vanilla':>11} {'(median)':>9} {'(CPU time)':>10} "
+             f"{'image-passes':>13} {'(ratio)':>8} {'peak MiB':>9} {'budget-matched total':>21}"]
+    for name, r in res.items():
+        total = f"{r['budget_matched_total_ratio']:.3f}x" if name.startswith("fast_advprop") else "-"
+        lines.append(f"{name:>20} {r['seconds_per_epoch']:9.2f} {r['ratio_to_vanilla']:10.3f}x "
+                     f"{r['median_ratio_to_vanilla']:8.3f}x {r['cpu_ratio_to_vanilla']:9.3f}x "
+                     f"{r['image_passes_per_epoch']:13d} {r['image_pass_ratio']:7.2f}x {r['peak_memory_mib']:9.1f} "
+                     f"{total:>21}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
