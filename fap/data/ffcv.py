@@ -253,6 +253,26 @@ def _source_split(src: str, split: str, *, source: str, classes: Optional[List[s
 # Reading
 # --------------------------------------------------------------------------------------
 
+def _check_complete(path: str, reader) -> None:
+    """A truncated ``.beton`` can still parse: its allocation table (read to the end of
+    the file) then silently lacks the last samples. Check that every sample has its data."""
+    size = os.path.getsize(path)
+    table_at = int(reader.header["alloc_table_ptr"])
+    table = reader.alloc_table
+    entry = table.dtype.itemsize
+    problem = None
+    if table_at > size or (size - table_at) % entry:
+        problem = f"its allocation table at byte {table_at} does not end on a whole entry"
+    elif len(table) and int((table["ptr"] + table["size"]).max()) > table_at:
+        problem = "sample data reach past the allocation table"
+    elif reader.num_samples and len(np.unique(table["sample_id"])) < reader.num_samples:
+        missing = reader.num_samples - len(np.unique(table["sample_id"]))
+        problem = f"{missing} of its {reader.num_samples} samples have no data"
+    if problem:
+        raise DataError(f"{path}: truncated or damaged FFCV file ({problem}; the file has {size} bytes); "
+                        "copy it again or rewrite it with `fap data to-beton`")
+
+
 def _read_fields(path: str):
     """The ``.beton``'s reader, checked to hold an ``image`` RGB field and an integer ``label``."""
     import_ffcv()
@@ -262,7 +282,10 @@ def _read_fields(path: str):
     try:
         reader = Reader(path)
     except (AssertionError, ValueError, OSError, IndexError) as e:
-        raise DataError(f"{path}: not a readable FFCV file ({e}); rewrite it with `fap data to-beton`") from e
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        raise DataError(f"{path}: not a readable FFCV file ({e}; the file has {size} bytes: truncated by an "
+                        "interrupted copy or write, or not an FFCV file); rewrite it with `fap data to-beton`") from e
+    _check_complete(path, reader)
     kinds = {name: type(h).__name__ for name, h in reader.handlers.items()}
     if not isinstance(reader.handlers.get("image"), RGBImageField) or \
             not isinstance(reader.handlers.get("label"), IntField):
