@@ -405,7 +405,7 @@ def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker
     try:
         accelerator.save_state(str(tmp))
         _fsync_tree(tmp)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+    except Exception as e:  # OSError, torch.save's RuntimeError, safetensors' own error type
         error = e
     failed = _agree(accelerator, error)
     if failed:
