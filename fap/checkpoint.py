@@ -167,8 +167,11 @@ def check_compatible(marker: Dict[str, Any], path: os.PathLike) -> None:
         )
 
 
-def _safe_globals() -> List[Any]:
-    """What a fap checkpoint may contain besides tensors and containers: the numpy RNG state."""
+def _safe_globals(deepspeed: bool = False) -> List[Any]:
+    """What a fap checkpoint may contain besides tensors and containers: the numpy RNG
+    state and, in DeepSpeed's optimizer shards, three plain records of its own (an int
+    enum, the loss-scale settings and a (numel, start) dataclass; none defines how it is
+    unpickled, so loading them sets attributes and runs nothing)."""
     import codecs
 
     import numpy as np
@@ -178,11 +181,19 @@ def _safe_globals() -> List[Any]:
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         allowed += [getattr(dtypes, n) for n in ("UInt32DType", "Int64DType", "Float64DType") if hasattr(dtypes, n)]
+    if deepspeed:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [ZeroStageEnum, LossScaler, fragment_address]
     return allowed
 
 
-def safe_torch_load(path: os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` that also admits the numpy RNG state.
+def safe_torch_load(path: os.PathLike, *, map_location: Any = "cpu", mmap: bool = False,
+                    deepspeed: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` that also admits the numpy RNG state
+    (and, with ``deepspeed``, the records in DeepSpeed's shards).
 
     Raises:
         CheckpointError: ``path`` holds a pickled object that is not plain data (a
@@ -191,7 +202,7 @@ def safe_torch_load(path: os.PathLike, *, map_location: Any = "cpu", mmap: bool 
     import pickle
 
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(_safe_globals(deepspeed)):
             try:
                 return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
             except RuntimeError as e:
@@ -227,8 +238,8 @@ def verify_checkpoint(path: os.PathLike) -> Dict[str, Any]:
     path = Path(path)
     marker = read_marker(path)
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        if f.suffix in _PICKLED:
-            safe_torch_load(f, mmap=True)
+        if f.suffix in _PICKLED:  # DeepSpeed writes its shards into a tag folder
+            safe_torch_load(f, mmap=True, deepspeed=f.parent != path)
         elif f.suffix == ".safetensors":
             try:
                 with safe_open(str(f), framework="pt") as sf:
