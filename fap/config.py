@@ -238,12 +238,16 @@ class CheckpointConfig:
             checkpoints), ``"auto"`` continues from the newest complete checkpoint of this
             run if there is one, or a path to a checkpoint or run directory.
         export: write the aux-stripped timm model (safetensors) at the end.
+        on_signal: on SIGTERM or SIGUSR1 (a scheduler pre-empting the job) finish the
+            update in flight, save a checkpoint and exit with status 143, instead of dying
+            with up to ``every_steps`` updates lost.
     """
     every_steps: int = 0
     every_epochs: int = 1
     keep: int = 2
     resume: str = ""
     export: bool = True
+    on_signal: bool = True
 
 
 @dataclass

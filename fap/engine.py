@@ -59,7 +59,7 @@ from fap.methods import build_method
 from fap.models import create_model
 from fap.norm import route
 
-__all__ = ["train", "evaluate", "MethodRNG", "NonFiniteLossError", "RESUME_MAY_CHANGE"]
+__all__ = ["train", "evaluate", "MethodRNG", "NonFiniteLossError", "Preempted", "RESUME_MAY_CHANGE"]
 
 BRANCHES = ("clean", "noisy", "adversarial")
 
@@ -76,6 +76,62 @@ RESUME_MAY_CHANGE = (
 class NonFiniteLossError(RuntimeError):
     """A NaN/Inf loss with ``train.nonfinite=stop``; the message names the update, the
     branch and the last good checkpoint."""
+
+
+class Preempted(SystemExit):
+    """The run was asked to stop (SIGTERM, SIGUSR1) and saved a checkpoint first; a
+    script that does not catch it exits with status 143, as if killed by SIGTERM."""
+
+    def __init__(self, message: str):
+        super().__init__(143)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _StopSignals:
+    """SIGTERM / SIGUSR1 set a flag instead of killing the process: the loop finishes the
+    update in flight, all processes agree on it (the flag rides on the per-update
+    all-reduce), save a checkpoint and leave (`Preempted`). Schedulers send SIGTERM before
+    SIGKILL (``torchrun`` forwards it to every worker; SLURM: ``--signal=USR1@120`` warns
+    earlier). Handlers are only installed from the main thread, and restored on exit.
+    """
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.stop = False
+        self._previous: Dict[int, Any] = {}
+
+    def install(self, enabled: bool) -> None:
+        import signal
+        import threading
+
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.received).name if self.received else "a stop request from another process"
+
+    def __enter__(self) -> "_StopSignals":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 # ------------------------------------------------------------------------------------
@@ -590,7 +646,17 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     Returns:
         The run summary (also written to ``<output_dir>/summary.json``): final and best
         top-1/top-5, cost per step and its ratio to vanilla, wall time, images/s, paths.
+
+    Raises:
+        Preempted: SIGTERM or SIGUSR1 arrived (``checkpoint.on_signal``); a checkpoint of
+            the last update was saved first. It is a ``SystemExit`` with status 143.
+        NonFiniteLossError: a NaN/Inf loss under ``train.nonfinite=stop``.
     """
+    with _StopSignals() as signals:
+        return _train(config, signals)
+
+
+def _train(config: TrainConfig, signals: "_StopSignals") -> Dict[str, Any]:
     from accelerate.utils import DistributedType, set_seed, tqdm
 
     import fap.data as fdata
@@ -766,17 +832,21 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         return x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
 
     def nonfinite(metrics: List[Dict[str, Any]], grad_norm=None) -> List[str]:
-        """Branches whose loss is NaN/Inf on any process (one small all-reduce)."""
-        flags = torch.zeros(len(BRANCHES) + 1, dtype=torch.float32, device=accelerator.device)
+        """Branches whose loss is NaN/Inf on any process, in one small all-reduce that also
+        tells every process whether any of them was asked to stop (SIGTERM/SIGUSR1)."""
+        flags = torch.zeros(len(BRANCHES) + 2, dtype=torch.float32, device=accelerator.device)
         for mt in metrics:
             for i, branch in enumerate(BRANCHES):
                 if mt.get(f"count_{branch}"):
                     flags[i] += (~torch.isfinite(mt[f"loss_{branch}"].detach().float())).sum()
         if grad_norm is not None:
-            flags[-1] += (~torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32))).sum().to(flags.device)
+            flags[-2] += (~torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32))).sum().to(flags.device)
+        flags[-1] = float(bool(signals.received))
         if world > 1:
             flags = accelerator.reduce(flags, reduction="sum")
-        return [name for name, f in zip(BRANCHES + ("gradients",), flags.tolist()) if f > 0]
+        flags = flags.tolist()
+        signals.stop = signals.stop or flags[-1] > 0
+        return [name for name, f in zip(BRANCHES + ("gradients",), flags[:-1]) if f > 0]
 
     def update(batches: List[Tuple[torch.Tensor, torch.Tensor]], window: _Window):
         """One optimizer update; returns ``(grad_norm, bad)``, where ``bad`` lists the
@@ -835,13 +905,14 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
     side_seconds = {"eval": 0.0, "checkpoint": 0.0}  # time outside training, kept out of images/s
 
-    def checkpoint(reason: str) -> None:
+    def checkpoint(reason: str) -> Path:
         start = time.perf_counter()
         path = save_checkpoint(accelerator, run_dir, state, {**marker, "reason": reason})
         prune_checkpoints(accelerator, run_dir, c.keep)
         log({"type": "checkpoint", "step": state.step, "epoch": state.epoch, "path": str(path)})
         side_seconds["checkpoint"] += time.perf_counter() - start
         window.start += time.perf_counter() - start
+        return path
 
     def run_eval() -> Dict[str, float]:
         start = time.perf_counter()
@@ -863,6 +934,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         return result
 
     # ---- the loop ------------------------------------------------------------------
+    signals.install(c.on_signal)
     total_updates = updates_per_epoch * t.epochs
     if t.max_steps is not None:
         total_updates = min(total_updates, t.max_steps)
@@ -928,6 +1000,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 bar.set_postfix(loss=f"{metrics.get('loss_clean', float('nan')):.3f}", lr=f"{lr_now:.3g}",
                                 img_s=f"{record['images_per_s']:.0f}", refresh=False)
                 window.reset()
+            if signals.stop and state.step < total_updates:
+                path = checkpoint("preempted")
+                accelerator.print(f"fap: received {signals.name()}: saved {path} after update {state.step}; "
+                                  "continue with --checkpoint.resume=auto")
+                log({"type": "preempted", "step": state.step, "signal": signals.name(), "path": str(path)})
+                raise Preempted(f"stopped by {signals.name()} after update {state.step}; saved {path}")
             if c.every_steps and state.step % c.every_steps == 0 and state.step < total_updates:
                 checkpoint("every_steps")
             if state.step >= total_updates:

@@ -468,3 +468,56 @@ def test_a_dead_rank_ends_the_run_and_resume_continues(tiny_folder, tmp_path):
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, f"resumed 2-process run differs by {worst}"
     print(f"surviving rank exited after {waited:.1f}s; max weight difference {worst:.2e}")
+
+
+# ------------------------------------------------------------------------------------
+# Pre-emption: SIGTERM saves the update in flight and exits
+# ------------------------------------------------------------------------------------
+
+def _wait_for_training(run_dir: Path, proc, records: int = 3, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        log = run_dir / "log.jsonl"
+        if log.is_file() and sum(1 for line in log.read_text().splitlines() if '"type": "train"' in line) >= records:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not start training (rc {proc.poll()})")
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches(tiny_folder, straight, tmp_path):
+    out = tmp_path / "term"
+    proc = subprocess.Popen(_cmd(tiny_folder, out, **{"checkpoint.every_steps": 0}), cwd=REPO, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_training(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (proc.returncode, stderr[-3000:])
+    saved = [r for r in read_log(out) if r["type"] == "preempted"]
+    assert len(saved) == 1 and saved[0]["signal"] == "SIGTERM", saved
+    assert _steps(out)[-1] == saved[0]["step"] < UPDATES  # every_steps=0: only the pre-emption saved mid-run
+    assert f"received SIGTERM: saved {saved[0]['path']}" in stdout
+    final = _ok(_run(tiny_folder, out, **{"checkpoint.resume": "auto", "checkpoint.every_steps": 0}))
+    assert _resumed_from(final) == saved[0]["path"]
+    assert _equal_exports(straight, out), "weights differ after a pre-emption"
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_at_the_same_update(tiny_folder, tmp_path):
+    out = tmp_path / "term2"
+    args = tiny_vit_overrides(tiny_folder, out, **{**FAULTS, "checkpoint.every_steps": 0})
+    proc = subprocess.Popen(accelerate_cmd(RUNNER, args, processes=2), cwd=REPO, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_training(out, proc, records=2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    saved = [r for r in read_log(out) if r["type"] == "preempted"]
+    assert len(saved) == 1 and _steps(out)[-1] == saved[0]["step"], (saved, stderr[-3000:])
+    marker = json.loads((Path(saved[0]["path"]) / MARKER).read_text())
+    assert marker["reason"] == "preempted" and marker["world_size"] == 2
+    assert sorted(p.name for p in Path(saved[0]["path"]).glob("random_states_*.pkl")) == \
+        ["random_states_0.pkl", "random_states_1.pkl"]  # both ranks wrote their part
+    resumed = subprocess.run(accelerate_cmd(RUNNER, tiny_vit_overrides(
+        tiny_folder, out, **{**FAULTS, "checkpoint.every_steps": 0, "checkpoint.resume": "auto"}), processes=2),
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    _ok(resumed)
+    assert _resumed_from(resumed) == saved[0]["path"]
