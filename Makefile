@@ -1,8 +1,9 @@
 # The two set-up commands of the README: `make demo` (the main job) and `make test`.
+# `make bench`: the step-cost benchmark (benchmarks/step_cost.py = `fap bench`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test
+.PHONY: install demo test bench
 install: $(VENV)/.fap-installed
 
 $(VENV)/.fap-installed: pyproject.toml .ci/install.sh
@@ -14,3 +15,6 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) benchmarks/step_cost.py
