@@ -12,9 +12,10 @@ it, unless the caller set ``skip_corrupt``; then it is skipped, logged and count
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 import os
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -25,6 +26,8 @@ __all__ = [
     "SkipCounter",
     "collate_uint8",
     "decode_rgb",
+    "is_complete",
+    "move_into_place",
     "to_unit_float",
 ]
 
@@ -119,3 +122,29 @@ def collate_uint8(
     labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
     return images, labels
 
+
+
+# --------------------------------------------------------------------------------------
+# Generated datasets (demo, corrupted copies): built in a temporary folder, renamed into
+# place, and recognised as finished by a marker file holding the settings they were made with
+# --------------------------------------------------------------------------------------
+
+def is_complete(out_dir: str, settings: Dict, marker: str) -> bool:
+    """``out_dir`` holds a finished dataset made with exactly ``settings`` (``marker`` file)."""
+    try:
+        with open(os.path.join(out_dir, marker)) as f:
+            return json.load(f) == json.loads(json.dumps(settings))
+    except (OSError, ValueError):
+        return False
+
+
+def move_into_place(tmp: str, out_dir: str, settings: Dict, marker: str) -> None:
+    """Rename ``tmp`` to ``out_dir`` atomically; if another process finished the same
+    dataset first (same settings), keep theirs."""
+    try:
+        if os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        os.rename(tmp, out_dir)
+    except OSError:
+        if not is_complete(out_dir, settings, marker):
+            raise

@@ -42,6 +42,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from fap.data.base import is_complete, move_into_place
+
 __all__ = [
     "ALL_CORRUPTIONS",
     "CORRUPTIONS",
@@ -253,7 +255,7 @@ def make_corrupted(
         "severities": list(severities), "seed": int(seed), "image_size": image_size,
         "crop_pct": float(crop_pct), "jpeg_quality": int(jpeg_quality), "package": _package_version(),
     }
-    if _is_complete(out, settings):
+    if is_complete(out, settings, MARKER):
         return out
     if os.path.isdir(out) and os.listdir(out):
         raise FileExistsError(f"{out} exists and is not a complete copy made with these settings (its {MARKER} "
@@ -269,7 +271,7 @@ def make_corrupted(
         _run_jobs(jobs, num_workers=num_workers, progress=progress)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(settings, f, indent=1, sort_keys=True)
-        _move_into_place(tmp, out, settings)
+        move_into_place(tmp, out, settings, MARKER)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -344,25 +346,6 @@ def _write_set(job: Tuple) -> None:
             os.makedirs(folder, exist_ok=True)
             made_dirs.add(folder)
         result.save(target, format="JPEG", quality=settings["jpeg_quality"], optimize=True)
-
-
-def _is_complete(out: str, settings: Dict) -> bool:
-    try:
-        with open(os.path.join(out, MARKER)) as f:
-            return json.load(f) == json.loads(json.dumps(settings))
-    except (OSError, ValueError):
-        return False
-
-
-def _move_into_place(tmp: str, out: str, settings: Dict) -> None:
-    """Atomically rename; if another process finished the same copy first, keep theirs."""
-    try:
-        if os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)
-        os.rename(tmp, out)
-    except OSError:
-        if not _is_complete(out, settings):
-            raise
 
 
 # --------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from fap.data.base import is_complete, move_into_place
+
 __all__ = ["CLASSES", "MARKER", "is_demo", "make_demo", "render_image"]
 
 _logger = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ def make_demo(
     if train_per_class < 1 or val_per_class < 1:
         raise ValueError(f"train_per_class={train_per_class}, val_per_class={val_per_class}: need at least 1 each")
     out_dir = os.path.abspath(out_dir)
-    if _is_complete(out_dir, settings):
+    if is_complete(out_dir, settings, MARKER):
         return out_dir
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(
@@ -108,7 +110,7 @@ def make_demo(
         _write_all(tmp, settings, num_workers=num_workers)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(settings, f, indent=1, sort_keys=True)
-        _move_into_place(tmp, out_dir, settings)
+        move_into_place(tmp, out_dir, settings, MARKER)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -122,25 +124,6 @@ def is_demo(path: str) -> bool:
             return json.load(f).get("format") == FORMAT_VERSION
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _is_complete(out_dir: str, settings: Dict) -> bool:
-    try:
-        with open(os.path.join(out_dir, MARKER)) as f:
-            return json.load(f) == settings
-    except (OSError, ValueError):
-        return False
-
-
-def _move_into_place(tmp: str, out_dir: str, settings: Dict) -> None:
-    """Atomically rename; if another process won the race with the same settings, keep theirs."""
-    try:
-        if os.path.isdir(out_dir) and not os.listdir(out_dir):
-            os.rmdir(out_dir)
-        os.rename(tmp, out_dir)
-    except OSError:
-        if not _is_complete(out_dir, settings):
-            raise
 
 
 def _write_all(root: str, settings: Dict, *, num_workers: int) -> None:
