@@ -66,26 +66,36 @@ BRANCHES = ("main", "aux")
 
 
 class GradScale(torch.autograd.Function):
-    """Identity in the forward pass; multiplies the incoming gradient by ``scale``.
+    """Identity in the forward pass; multiplies the incoming gradients by ``scale``.
 
-    The forward returns a clone, not a view: DeepSpeed ZeRO-3 frees gathered parameter
+    ``GradScale.apply(scale, *tensors)`` returns one output per tensor. A norm layer
+    passes its weight and bias together: one autograd node per layer and pass instead of
+    two, which halves the Python calls in the backward (126 per Fast AdvProp step of a
+    ResNet-18: 21 norm layers × 2 parameters × 3 passes; each costs tens of µs on CPU).
+
+    The forward returns clones, not views: DeepSpeed ZeRO-3 frees gathered parameter
     storage after the module's forward, so a view would dangle.
     """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx, scale: float, *tensors: torch.Tensor):
         ctx.scale = scale
-        return tensor.clone()
+        return tuple(t.clone() for t in tensors)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
+    def backward(ctx, *grads: torch.Tensor):
+        return (None,) + tuple(None if g is None else g * ctx.scale for g in grads)
 
 
-def _scaled(param: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:
-    if param is None or scale == 1.0 or not torch.is_grad_enabled() or not param.requires_grad:
-        return param
-    return GradScale.apply(param, scale)
+def _scaled_affine(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: float):
+    """``(weight, bias)`` whose gradients are multiplied by ``scale`` (None stays None)."""
+    if scale == 1.0 or not torch.is_grad_enabled():
+        return weight, bias
+    params = [p for p in (weight, bias) if p is not None and p.requires_grad]
+    if not params:
+        return weight, bias
+    scaled = iter(GradScale.apply(scale, *params))
+    return tuple(next(scaled) if (p is not None and p.requires_grad) else p for p in (weight, bias))
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,7 +255,7 @@ class DualNorm(nn.Module):
 
     def _main(self, x: torch.Tensor) -> torch.Tensor:
         s = self.grad_scale["main"]
-        return type(self)._norm_forward(self, x, _scaled(self.weight, s), _scaled(self.bias, s), None)
+        return type(self)._norm_forward(self, x, *_scaled_affine(self.weight, self.bias, s), None)
 
     def _post(self, x: torch.Tensor) -> torch.Tensor:
         if _TimmBatchNormAct2d is not None and isinstance(self, _TimmBatchNormAct2d):
@@ -287,9 +297,7 @@ class _AuxMixin(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.grad_scale
-        return type(self)._norm_forward(
-            self, x, _scaled(self.weight, s), _scaled(self.bias, s), self.aux_group_size
-        )
+        return type(self)._norm_forward(self, x, *_scaled_affine(self.weight, self.bias, s), self.aux_group_size)
 
 
 _DUAL_CLASSES: Dict[type, type] = {}
