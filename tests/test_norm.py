@@ -208,6 +208,28 @@ def test_ghost_running_statistics_match_the_groups_in_fp64(bn_cls, shape, moment
         assert int(aux.num_batches_tracked) == step
 
 
+def test_grad_scale_with_a_missing_or_frozen_affine_parameter():
+    torch.manual_seed(0)
+    ln = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4, bias=False))
+    ref = copy.deepcopy(ln)
+    convert_dual_norm(ln)
+    x = torch.randn(3, 4)
+    set_grad_scale(ln, main=3.0)
+    with route(ln, "main"):
+        ln(x).sum().backward()
+    ref(x).sum().backward()
+    assert ln[1].bias is None
+    torch.testing.assert_close(ln[1].weight.grad, 3.0 * ref[1].weight.grad)
+    torch.testing.assert_close(ln[0].weight.grad, ref[0].weight.grad)
+
+    bn = convert_dual_norm(nn.Sequential(nn.BatchNorm2d(2)))
+    bn[0].bias.requires_grad_(False)
+    set_grad_scale(bn, main=2.0)
+    with route(bn, "main"):
+        bn(torch.randn(4, 2, 3, 3)).pow(2).sum().backward()
+    assert bn[0].bias.grad is None and bn[0].weight.grad is not None
+
+
 def test_grad_scale_multiplies_affine_gradients_only():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
