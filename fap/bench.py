@@ -79,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "emulate 16 adversarial images per GPU, and Shuffling BN regroups them. Used when it splits "
                         "B_a into at least 2 groups; otherwise (or 0) one group, and Shuffling BN is a no-op")
     p.add_argument("--batches", type=int, default=8, help="loader batches per 'epoch' in part 1")
+    p.add_argument("--methods", default=",".join(name for name, _, _ in METHODS),
+                   help="which of part 1's methods to run, comma-separated (vanilla is always run: the ratios need it)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (the fastest is reported)")
     p.add_argument("--engine-steps", type=int, default=20, help="updates per engine-overhead epoch (part 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,7 +151,11 @@ def part1(args, data_cfg: DataConfig) -> Dict[str, Dict]:
     batches = fixed_batches(args, data_cfg)
     torch.manual_seed(0)
     init = create_model(args.model, num_classes=n_classes, **model_kwargs(args)).to(device)
-    methods = {name: build_method(kind, None, **kw) for name, kind, kw in METHODS}
+    chosen = set(getattr(args, "methods", "").split(",")) if getattr(args, "methods", "") else {n for n, _, _ in METHODS}
+    unknown = chosen - {n for n, _, _ in METHODS}
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {[n for n, _, _ in METHODS]}")
+    methods = {name: build_method(kind, None, **kw) for name, kind, kw in METHODS if name in chosen | {"vanilla"}}
     times: Dict[str, List[float]] = {name: [] for name in methods}
     cpu: Dict[str, List[float]] = {name: [] for name in methods}
     peak: Dict[str, float] = {}
