@@ -1048,9 +1048,13 @@ def _train(config: TrainConfig, signals: "_StopSignals") -> Dict[str, Any]:
                                                   num_classes=num_classes, data_cfg=d["data"]))
         accelerator.wait_for_everyone()
     images_trained = state.images - images_at_start
+    # The whole-run ratio from the updates actually made (a max_steps run stops early):
+    # this run's image-passes over those of `reference_epochs` vanilla epochs of the same data.
+    epochs_run = state.step / updates_per_epoch
+    run_info["cost_ratio_run"] = ratio * epochs_run / reference_epochs
     summary = {
         **run_info,
-        "epochs": t.epochs, "reference_epochs": reference_epochs, "steps": state.step,
+        "epochs": t.epochs, "epochs_run": epochs_run, "reference_epochs": reference_epochs, "steps": state.step,
         "images_seen": state.images, "top1": last_eval.get("top1"), "top5": last_eval.get("top5"),
         "ema_top1": last_eval.get("ema_top1"), "best_top1": state.best_top1,
         "train_seconds": train_time, "eval_seconds": side_seconds["eval"],
@@ -1127,7 +1131,7 @@ def _format_summary(s: Dict[str, Any]) -> str:
         f"  steps {s['steps']}  images {s['images_seen']}  wall {s['train_seconds']:.1f}s  "
         f"{s['images_per_s']:.1f} images/s",
         f"  cost: {s['image_passes_per_step']} image-passes per step vs {s['vanilla_image_passes_per_step']} vanilla "
-        f"= {s['cost_ratio_per_step']:.3f}x per step; over the run {s['epochs']} epochs vs "
+        f"= {s['cost_ratio_per_step']:.3f}x per step; over the run {s['epochs_run']:.4g} epochs vs "
         f"{s['reference_epochs']} vanilla = {s['cost_ratio_run']:.3f}x",
         f"  output: {s['output_dir']}" + (f"  export: {s['export'].get('model')}" if s.get("export") else ""),
         "=" * 72,

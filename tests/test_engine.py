@@ -98,6 +98,7 @@ def test_run_outputs_logs_export_and_cost(plain_run, tmp_path):
     assert all(r["count"] == 20 for r in evals)  # 4 classes x 5 val images, each counted once
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["cost_ratio_per_step"] == 1.2 and summary["top1"] == evals[-1]["top1"]
+    assert summary["epochs_run"] == 2 and summary["cost_ratio_run"] == pytest.approx(1.2)
     assert list((out_dir / "tracking").rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
     # The export loads into plain timm (strictly, by name) and is the checkpoint's main branch.

@@ -221,6 +221,8 @@ def two_steps(tiny_folder, tmp_path_factory):
     """A run stopped after 2 updates (checkpoints step 1 and 2), to break in various ways."""
     out = tmp_path_factory.mktemp("bad") / "run"
     _ok(_run(tiny_folder, out, **{"train.max_steps": 2}))
+    summary = json.loads((out / "summary.json").read_text())  # the cost of what ran: 1 of 6 epochs
+    assert summary["epochs_run"] == 1 and summary["cost_ratio_run"] == pytest.approx(1.2 / 6)
     return out
 
 
