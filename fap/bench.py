@@ -26,22 +26,24 @@ shuffle, which is cheaper than what the recipes train; the table says which it w
 subset (vanilla always runs).
 
 Where Fast AdvProp's time goes on CPU (1 thread, the default ResNet-18 with widths 32-256,
-48 px; thread CPU time per step, 21 interleaved repetitions, repeated runs):
+48 px, B = 160, ghost groups of 16; thread CPU time per step, 15 interleaved repetitions on
+an otherwise idle machine, ratios to vanilla):
 
-* its three passes alone, plain PyTorch on the same model without dual norms: 1.18-1.31x
-  vanilla at B = 100 and 160, 1.10x at 320 (against 1.2x if cost were linear in the batch:
-  the per-image cost of a CPU step depends on the batch size, both ways);
-* the attack's input gradient (the noisy pass's ∂loss/∂x): +0.01-0.07x. Almost all of it
-  is the backward-data of ResNet's 3→64 7×7 stride-2 stem, 0.57 ms per image in oneDNN,
-  about 20 % of a vanilla image's forward+backward at these widths (less at full width);
-* fap's own code: +0.02-0.07x: ghost BN groups with Shuffling BN and the per-group
-  gradient scale (one autograd node per norm layer and pass) about 0.015x each, routing,
-  random start, FGSM step and metrics the rest.
+* its three passes alone, plain PyTorch on the same model without dual norms and without
+  the input gradient: 1.24x, not 1.2x: a CPU's per-image cost depends on the batch size
+  (the same measurement gave 1.24x at B = 100 and 1.10x at B = 320, under load);
+* the attack's input gradient (the noisy pass's ∂loss/∂x): +0.05x. Almost all of it is the
+  backward-data of ResNet's 3→64 7×7 stride-2 stem, 0.57 ms per image in oneDNN, about
+  20 % of a vanilla image's forward+backward at these widths (less at full width: +0.02x);
+* fap's own code: +0.06x: ghost BN groups with Shuffling BN +0.03x, the per-group gradient
+  scale +0.02x, routing, random start, FGSM step and metrics +0.01x.
 
-Fast AdvProp measured 1.21x (paired, B = 160, 21 rounds over 3 runs; 1.24x before this
-accounting removed a variance over non-adjacent dimensions from the ghost BN and halved the
-gradient-scale nodes), 1.33-1.37x at B = 100 and 1.15x at 320. Fused is slower than three
-passes on CPU (1.46x at 160): see `fap.methods.fast_advprop`.
+Measured whole: 1.35x at B = 160, 1.24x at B = 100 (one BN group, no shuffle) and 1.18-1.20x
+at B = 320 (paired, idle machine, 5 rounds). Repeated runs of unchanged code moved these by
+up to ±0.07 (one set of three runs under load gave 1.21x at B = 160). Before the ghost-BN
+statistics came from the kernel and the gradient scale took one node per layer, the same
+in-process comparison gave 1.37x at B = 160 (now 1.29x, medians of 15). Fused is slower than
+three passes on CPU (1.47-1.55x): see `fap.methods.fast_advprop`.
 
 Part 2 (engine overhead): one vanilla epoch through ``fap.train`` against a bare PyTorch
 loop (same model, data loader, optimizer and loss), training time only (fap's summary

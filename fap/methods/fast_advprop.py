@@ -22,8 +22,9 @@ never by editing ``param.grad``, so it is exact under DDP and DeepSpeed ZeRO.
 ``fused=True`` runs the clean and the first noisy pass as one forward/backward with split
 routing (first B_c rows main, rest aux); the gradients are the same as the three-pass form.
 It is *slower* than the three-pass form on CPU, measured (1 thread, ResNet-18 with widths
-32-256, 48 px, loader batch 100, thread CPU time per step, interleaved): 1.43-1.50× vanilla
-against 1.25-1.35× for three passes. Two costs, the first one fundamental:
+32-256, 48 px, thread CPU time per step, interleaved): 1.47-1.55× vanilla against
+1.24-1.37× for three passes at loader batch 100, 1.53× against 1.29× at 160, 1.48× against
+1.20× at 320. Two costs, the first one fundamental:
 
 * the input gradient. The attack needs ∂loss/∂x of the noisy rows, but in one batched
   forward autograd computes the first layer's input gradient for *every* row. That
