@@ -249,18 +249,18 @@ def verify_checkpoint(path: os.PathLike) -> Dict[str, Any]:
     return marker
 
 
-def load_checkpoint(accelerator, path: os.PathLike) -> Dict[str, Any]:
-    """`verify_checkpoint`, then ``accelerator.load_state``; return the marker.
+def load_checkpoint(accelerator, path: os.PathLike, *, marker: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """`verify_checkpoint` (unless its ``marker`` is passed: already verified), then
+    ``accelerator.load_state``; return the marker.
 
     Raises:
         CheckpointError: the checkpoint is unsafe, damaged, incompatible, or its tensors do
             not fit this model / optimizer (another model's checkpoint).
     """
-    marker = verify_checkpoint(path)
+    if marker is None:
+        marker = verify_checkpoint(path)
     try:
         accelerator.load_state(str(path))
-    except CheckpointError:
-        raise
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path} does not fit this run's model or optimizer ({type(e).__name__}: "
                               f"{str(e)[:2000]})") from e

@@ -676,7 +676,8 @@ def _train(config: TrainConfig, signals: "_StopSignals") -> Dict[str, Any]:
     if resume_from is not None:
         # Safe (nothing but plain data is unpickled), complete, of this fap version, and
         # the same experiment: checked before anything is written.
-        _check_resume_config(verify_checkpoint(resume_from), cfg, resume_from, world)
+        resume_marker = verify_checkpoint(resume_from)
+        _check_resume_config(resume_marker, cfg, resume_from, world)
     _deepspeed_preflight(cfg, micro, world)
     accelerator, precision = _make_accelerator(cfg, run_dir)
     rank = accelerator.process_index
@@ -755,7 +756,7 @@ def _train(config: TrainConfig, signals: "_StopSignals") -> Dict[str, Any]:
               "zero_stage": zero_stage, "ema_index": ema_index}
     remove_partial(accelerator, run_dir)
     if resume_from is not None:
-        load_checkpoint(accelerator, resume_from)
+        load_checkpoint(accelerator, resume_from, marker=resume_marker)  # verified above
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step})")
 
     # How the gradients of one update's backward passes are reduced across processes.
