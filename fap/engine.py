@@ -706,14 +706,18 @@ def _train(config: TrainConfig, signals: "_StopSignals") -> Dict[str, Any]:
     timm_kwargs = dict(m.kwargs)
     if m.drop_path_rate:
         timm_kwargs["drop_path_rate"] = m.drop_path_rate
-    model = create_model(m.name, num_classes=num_classes, dual_norm=m.dual_norm, aux_group_size=m.aux_group_size,
-                         mean=m.mean, std=m.std, img_size=m.img_size, **timm_kwargs)
+    try:
+        model = create_model(m.name, num_classes=num_classes, dual_norm=m.dual_norm, aux_group_size=m.aux_group_size,
+                             mean=m.mean, std=m.std, img_size=m.img_size, **timm_kwargs)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from e
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if t.compile:
         model.net.compile(backend=t.compile_backend)  # in place: state-dict keys unchanged
     method = build_method(method_name(cfg.method), cfg.method, mixup_fn=_build_mixup(cfg, num_classes))
     try:
+        method.check_setup(model, micro)
         cost = method.cost(micro)
     except ValueError as e:
         raise ConfigError(f"train.batch_size={t.batch_size} gives {micro} images per process and micro-batch, "

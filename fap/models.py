@@ -92,7 +92,14 @@ def create_model(
     kwargs = dict(timm_kwargs)
     if img_size is not None:
         kwargs["img_size"] = img_size
-    net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ValueError(f"timm model {name!r} does not take the arguments {sorted(kwargs)} it was given "
+                         f"({e}); remove the ones it does not know (model.kwargs, model.img_size, "
+                         "model.drop_path_rate)") from e
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     mean = tuple(mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(std if std is not None else cfg.get("std", (0.229, 0.224, 0.225)))

@@ -142,6 +142,10 @@ def test_vanilla_with_accumulation_matches_one_big_batch(tiny_folder, tmp_path):
     ({"data.path": "/nonexistent/imagenet"}, ["data.path='/nonexistent/imagenet'", "no such directory"]),
     ({"checkpoint.resume": "{out}"}, ["holds no complete checkpoint"]),
     ({"train.batch_size": 2}, ["train.batch_size=2", "fast_advprop cannot use", "at least 5 images"]),
+    ({"model.name": "resnet18", "model.img_size": "None", "model.kwargs": "{{}}", "model.aux_group_size": 3},
+     ["train.batch_size=20", "aux_group_size=3 must divide the 4 images", "among 2, 4"]),
+    ({"model.name": "resnet18", "model.img_size": "None"},
+     ["timm model 'resnet18' does not take the arguments", "patch_size", "model.kwargs"]),
 ])
 def test_bad_input_is_a_clear_error(tiny_folder, tmp_path, overrides, words):
     out_dir = tmp_path / "run"

@@ -322,3 +322,38 @@ def test_bad_configuration_is_a_clear_error():
         FastAdvProp(p_adv=0.1).train_step(tiny_model().float(), x, y, lambda l: l.backward())
     with pytest.raises(ValueError, match="images must be float"):
         FastAdvProp().train_step(tiny_model().float(), (x * 255).to(torch.uint8), y, lambda l: l.backward())
+
+
+def ln_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Flatten(), nn.LayerNorm(6 * 8 * 8), nn.Linear(6 * 8 * 8, 5))
+    return PixelModel(convert_dual_norm(net), mean=(0.5,) * 3, std=(0.5,) * 3).double().train()
+
+
+def test_shuffling_bn_leaves_per_sample_norms_alone_silently():
+    """LayerNorm has no batch statistics: Shuffling BN changes nothing and says nothing."""
+    x, y = torch.rand(4, 3, 8, 8).double(), torch.arange(4)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x_new, y_new = FastAdvProp()._shuffle(ln_model(), x, y)
+    assert x_new is x and y_new is y
+
+
+def test_check_setup_names_ghost_groups_that_do_not_divide_the_adversarial_split():
+    method = FastAdvProp(p_adv=0.2)
+    method.check_setup(tiny_model(aux_group_size=4), 20)  # B_a = 4: one group
+    method.check_setup(tiny_model(aux_group_size=4), 40)  # B_a = 8: two groups
+    with pytest.raises(ValueError, match=r"aux_group_size=4 must divide the 10 images .*loader batch 50.*among 2, 5, 10,"):
+        method.check_setup(tiny_model(aux_group_size=4), 50)
+    with pytest.raises(ValueError, match="at least 5 images"):
+        method.check_setup(tiny_model(), 2)
+    with pytest.raises(ValueError, match="dual_norm=True but the model has no auxiliary norms"):
+        method.check_setup(tiny_model(dual=False), 20)
+
+
+def test_check_setup_refuses_an_odd_clean_batch_under_mixup():
+    method = FastAdvProp(p_adv=0.2, mixup_fn=lambda x, y: (x, y))
+    method.check_setup(tiny_model(), 20)  # 16 clean
+    with pytest.raises(ValueError, match="gives 21 clean images"):
+        method.check_setup(tiny_model(), 26)  # 21 clean + 5 adversarial

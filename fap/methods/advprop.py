@@ -64,6 +64,9 @@ class AdvProp(Method):
         if not 0.0 <= c.random_init_prob <= 1.0:
             raise ValueError(f"random_init_prob must be in [0, 1], got {c.random_init_prob}")
 
+    def split(self, batch_size: int):
+        return batch_size, batch_size  # every image has an adversarial copy
+
     def cost(self, batch_size: int) -> StepCost:
         k = self.config.attack_steps
         return StepCost(forward=k + 1, backward=k + 1,

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fap.norm import has_dual_norm
+from fap.norm import dual_norm_modules, has_dual_norm
 
 __all__ = [
     "Method",
@@ -118,6 +118,37 @@ class Method:
     def cost(self, batch_size: int) -> StepCost:
         """Forward/backward passes and image-passes of one step on a loader batch."""
         raise NotImplementedError
+
+    def split(self, batch_size: int) -> Tuple[int, int]:
+        """``(clean rows, rows per auxiliary-norm pass)`` of a loader batch."""
+        return batch_size, 0
+
+    def check_setup(self, model: nn.Module, batch_size: int) -> None:
+        """Raise ValueError, naming the values, if this method cannot train ``model`` on
+        loader batches of ``batch_size`` (per process and micro-batch).
+
+        The engine calls it once before the first step, so that a batch that cannot be
+        split, a model built with the wrong norms, ghost groups that do not divide the
+        auxiliary batch or an odd clean batch under Mixup fail at set-up, not mid-run.
+        """
+        clean, aux = self.split(batch_size)
+        dual = getattr(self.config, "dual_norm", None)
+        if dual is not None:
+            check_dual_norm(model, dual, self.name)
+        groups = {m.aux_group_size for m in dual_norm_modules(model)} - {None}
+        for g in groups:
+            if aux > g and aux % g:
+                raise ValueError(
+                    f"{self.name}: aux_group_size={g} must divide the {aux} images of each auxiliary-norm "
+                    f"pass (loader batch {batch_size}); choose a group size among "
+                    f"{', '.join(str(d) for d in range(2, aux + 1) if aux % d == 0)}, or a batch whose "
+                    f"auxiliary part is a multiple of {g}"
+                )
+        if self.mixup_fn is not None and clean % 2:
+            raise ValueError(
+                f"{self.name}: Mixup/CutMix needs an even clean batch, but a loader batch of {batch_size} "
+                f"gives {clean} clean images; choose a batch whose clean part is even"
+            )
 
     def train_step(
             self,

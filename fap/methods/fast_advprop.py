@@ -186,6 +186,9 @@ class FastAdvProp(Method):
         aux = c.beta * b_a * ((c.attack_steps if c.reuse else 0) + 1)
         return {"main": float(b_c), "aux": float(aux), "shared": float(b_c + aux)}
 
+    def split(self, batch_size: int) -> Tuple[int, int]:
+        return split_sizes(batch_size, self.config.p_adv)
+
     def cost(self, batch_size: int) -> StepCost:
         c = self.config
         b_c, b_a = split_sizes(batch_size, c.p_adv)
@@ -269,12 +272,17 @@ class FastAdvProp(Method):
         return sign_step(x_a, x_n, grad, epsilon=c.epsilon, step=step)
 
     def _shuffle(self, model, x_adv: torch.Tensor, y: torch.Tensor):
-        """Shuffling BN: move every adversarial image to another BN group.
+        """Shuffling BN: move every adversarial image to another BN group (BatchNorm models).
 
         BN groups are the ranks of a distributed run times the ghost groups of the aux
         norms (``aux_group_size``). The permutation is drawn on rank 0 and broadcast, so
         every rank takes a disjoint slice of the same regrouped global batch.
         """
+        if not _has_batch_norm(model):
+            # Per-sample norms (LayerNorm, GroupNorm): no batch statistics to decouple, and
+            # with equal per-rank counts the summed gradient does not depend on which rank
+            # holds which sample. Skip it, and its all-gather.
+            return x_adv, y
         b_a = x_adv.shape[0]
         g = _aux_group_size(model)
         local_groups = b_a // g if (g is not None and b_a > g and b_a % g == 0) else 1
@@ -304,6 +312,10 @@ class FastAdvProp(Method):
         rank = dist.get_rank()
         idx = perm[rank * b_a:(rank + 1) * b_a]
         return torch.cat(xs)[idx], torch.cat(ys)[idx]
+
+
+def _has_batch_norm(model) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _aux_group_size(model) -> Optional[int]:
