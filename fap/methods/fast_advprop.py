@@ -17,14 +17,17 @@ update speed"): shared parameters by the total weight ``B_c + β·B_a·(K+1)`` (
 for β = 0.5, K = 1, i.e. an 80/10/10 mix of split means at p_adv = 0.2), main-norm
 affine parameters by ``B_c``, aux-norm affine parameters by ``β·B_a·(K+1)``. The
 normalisation is done inside autograd (a loss factor plus `fap.norm.set_grad_scale`),
-never by editing ``param.grad``, so it is exact under DDP and DeepSpeed ZeRO.
+never by editing ``param.grad``, so it is exact under DDP and DeepSpeed ZeRO. The counts
+are each process's own; the training loaders drop the last incomplete batch, so every
+rank has the same ``B_c`` and ``B_a`` and the mean over ranks is the global normalisation
+(Shuffling BN's exchange needs the equal ``B_a`` too).
 
 ``fused=True`` runs the clean and the first noisy pass as one forward/backward with split
 routing (first B_c rows main, rest aux); the gradients are the same as the three-pass form.
-It is *slower* than the three-pass form on CPU, measured (1 thread, ResNet-18 with widths
-32-256, 48 px, thread CPU time per step, interleaved): 1.47-1.55× vanilla against
-1.24-1.37× for three passes at loader batch 100, 1.53× against 1.29× at 160, 1.48× against
-1.20× at 320. Two costs, the first one fundamental:
+It is *slower* than the three-pass form on CPU, measured (`fap bench`, 1 thread, ResNet-18
+with widths 32-256, 48 px, paired medians of 5 interleaved rounds): 1.54× vanilla against
+1.38× for three passes at loader batch 100, 1.54× against 1.37× at 160, 1.56× against
+1.30× at 320. Two costs, the first one fundamental:
 
 * the input gradient. The attack needs ∂loss/∂x of the noisy rows, but in one batched
   forward autograd computes the first layer's input gradient for *every* row. That
