@@ -124,11 +124,14 @@ def budget_matched(
 ) -> Tuple[int, List[int]]:
     """Epochs and LR milestones divided by ``1 + p_adv·K`` (Mei et al., Sec. 4.1).
 
-    Rounded down, as the reference code's float arithmetic does: 105 → 87 and
-    [30, 60, 90, 100] → [25, 50, 75, 83] for p_adv = 0.2, K = 1.
+    With the reference code's arithmetic: the scale is computed as ``(1 - p_adv) +
+    p_adv·(K + 1)`` (1.2000000000000002 for p_adv = 0.2, K = 1) and the quotient rounded
+    with Python's ``round``. That gives the paper's numbers: 105 → 87 and [30, 60, 90, 100]
+    → [25, 50, 75, 83] at p_adv = 0.2; 79 epochs at p_adv = 0.33 and 70 at 0.5 (Table 4).
+    Dividing by an exact 1.2 would round 87.5 to 88; flooring would give 78 at 0.33.
     """
-    scale = 1.0 + p_adv * attack_steps
-    f = lambda e: max(1, int(math.floor(e / scale + 1e-9)))  # noqa: E731
+    scale = (1.0 - p_adv) + p_adv * (attack_steps + 1)
+    f = lambda e: max(1, int(round(e / scale)))  # noqa: E731
     return f(epochs), [f(m) for m in milestones]
 
 
