@@ -41,8 +41,9 @@ cannot show it. What the demo does show exactly is the bookkeeping: 1.2x image-p
 per step, budget-matched to 1.0x over the run, and the exported main-branch model.
 
 Wall time is not compute: on a CPU, Fast AdvProp's smaller per-pass batches run less
-efficiently than one large batch (about 1.35x vanilla per step for a BatchNorm ResNet in
-benchmarks/step_cost.py, against the ideal 1.2x; 1.13x for a LayerNorm ViT-Tiny).
+efficiently than one large batch: benchmarks/step_cost.py measured 1.30-1.38x vanilla per
+step for a BatchNorm ResNet-18 against the counted 1.2x, of which 1.22-1.34x is what the
+same three passes cost in plain PyTorch on that CPU (README, "Cost, measured").
 """
 import dataclasses
 import json
