@@ -44,7 +44,11 @@ widths 32-256, 48 px, 8 batches per epoch, 5 rounds; ``fap bench --skip-engine -
   320    1.30x         1.22x      1.04x        1.56x  3.31x  7.03x
   =====  ============  =========  ===========  =====  =====  =====
 
-The floor is above the counted 1.2x because a CPU's per-image cost depends on the batch
+A LayerNorm ViT-Tiny (patch 8, 48 px, batch 160; no BatchNorm, so no ghost groups or
+shuffle) measured 1.18x vanilla, the floor 1.17x, fap's share 1.01x, budget-matched 0.98x,
+fused 1.19x: within the targets below.
+
+For the ResNet the floor is above the counted 1.2x because a CPU's per-image cost depends on the batch
 (thread CPU time per image of one vanilla forward+backward: 2.73 ms at 32 images, 2.45 ms
 at 160, 2.83 ms at 320) and because the attack's input gradient adds about 0.05x, almost
 all of it the backward-data of ResNet's 3->64 7x7 stride-2 stem (0.57 ms per image in
@@ -60,8 +64,9 @@ excludes its evaluation and checkpoint time).
 
 Targets (CPU, small model): Fast AdvProp <= 1.25x vanilla per epoch (ideal 1.2x; budget-matched
 total <= 1.02x); AdvProp PGD-5 about 7x; fap's vanilla epoch within 5 % of the bare loop. On
-this CPU the plain-PyTorch floor alone is 1.22-1.34x, so the per-epoch target is out of
-reach of any implementation here; what fap controls is its share over the floor.
+this CPU the ViT-Tiny meets them; for the ResNet the plain-PyTorch floor alone is
+1.22-1.34x, so the per-epoch target is out of reach of any implementation here, and what
+fap controls is its share over the floor.
 This is a measurement, not a test: nothing here asserts.
 """
 from __future__ import annotations
@@ -245,7 +250,9 @@ def part1(args, data_cfg: DataConfig) -> Dict[str, Dict]:
             opt.zero_grad(set_to_none=True)
         return step
 
-    groups = {name: aux_groups(args, m) if name.startswith("fast_advprop") else None for name, m in methods.items()}
+    batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in init.modules())
+    groups = {name: aux_groups(args, m) if name.startswith("fast_advprop") and batch_norm else None
+              for name, m in methods.items()}
     for r in range(args.rounds):
         for name, method in methods.items():
             # vanilla and the floor train the plain model, as the recipes train vanilla
@@ -290,6 +297,7 @@ def part1(args, data_cfg: DataConfig) -> Dict[str, Dict]:
             "paired_median_ratio_to_floor": (_paired_median(times[name], times["three_pass_floor"])
                                              if "three_pass_floor" in times else None),
             "aux_group_size": groups[name],
+            "batch_norm": batch_norm,
             "all_seconds": times[name],
             "all_cpu_seconds": cpu[name],
         }
@@ -394,9 +402,12 @@ def table(args, res: Dict[str, Dict]) -> str:
     fast = build_method("fast_advprop")
     b_c, b_a = split_sizes(args.batch, fast.config.p_adv)
     g = aux_groups(args, fast)
-    bn = (f"aux BN in {b_a // g} groups of {g}, Shuffling BN on" if g else
-          f"aux BN in one group (--aux-group-size {args.aux_group_size} does not split B_a={b_a} into >= 2 "
-          "groups), Shuffling BN a no-op")
+    if not all(r.get("batch_norm", True) for r in res.values()):
+        bn = "no BatchNorm in the model: ghost groups and Shuffling BN do not apply"
+    else:
+        bn = (f"aux BN in {b_a // g} groups of {g}, Shuffling BN on" if g else
+              f"aux BN in one group (--aux-group-size {args.aux_group_size} does not split B_a={b_a} into >= 2 "
+              "groups), Shuffling BN a no-op")
     lines = [f"loader batch {args.batch}: Fast AdvProp {b_c} clean + {b_a} adversarial, {bn}",
              f"{'method':>20} {'s/epoch':>9} {'vs vanilla':>11} {'(paired)':>9} {'(CPU)':>7} "
              f"{'image-passes':>13} {'(ratio)':>8} {'peak MiB':>9} {'budget-matched total':>21} {'vs floor':>9}"]
