@@ -89,7 +89,7 @@ from fap.data import DataConfig, build_loader, num_classes, to_unit_float
 from fap.methods import budget_matched, build_method
 from fap.methods.fast_advprop import split_sizes
 from fap.models import create_model
-from fap.norm import set_aux_group_size
+from fap.norm import has_batch_norm, set_aux_group_size
 
 __all__ = ["add_arguments", "run", "main"]
 
@@ -126,7 +126,7 @@ class ThreePassFloor:
         c = self.config
         b_c, b_a = split_sizes(images.shape[0], c.p_adv)
         eps = c.epsilon / 255.0
-        k = 1.0 / (b_c + 2 * c.beta * b_a)
+        k = 1.0 / self._fast.weights(b_c, b_a)["shared"]
         ce = torch.nn.functional.cross_entropy
         backward(k * ce(model(images[:b_c]), labels[:b_c], reduction="sum"))
         x_a, y_a = images[b_c:], labels[b_c:]
@@ -250,7 +250,7 @@ def part1(args, data_cfg: DataConfig) -> Dict[str, Dict]:
             opt.zero_grad(set_to_none=True)
         return step
 
-    batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in init.modules())
+    batch_norm = has_batch_norm(init)
     groups = {name: aux_groups(args, m) if name.startswith("fast_advprop") and batch_norm else None
               for name, m in methods.items()}
     for r in range(args.rounds):

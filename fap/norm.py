@@ -52,6 +52,7 @@ __all__ = [
     "DualNorm",
     "convert_dual_norm",
     "dual_norm_modules",
+    "has_batch_norm",
     "has_dual_norm",
     "norm_param_names",
     "route",
@@ -142,7 +143,7 @@ def _ghost_bn_forward(bn, x, weight, bias, group_size: int, factor: float):
     together on CPU (4 ms against 2 ms for 20×64×24×24, 1 thread).
     """
     n = x.shape[0]
-    if n % group_size != 0:
+    if not ghost_groups_fit(group_size, n):
         raise ValueError(
             f"aux_group_size={group_size} must divide the auxiliary batch, got {n} samples; "
             f"choose a group size that divides B_a (e.g. {_divisors_hint(n)})"
@@ -378,6 +379,17 @@ def convert_dual_norm(model: nn.Module, *, aux_group_size: Optional[int] = None)
 
 def dual_norm_modules(model: nn.Module) -> List[DualNorm]:
     return [m for m in model.modules() if isinstance(m, DualNorm)]
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether any norm layer of ``model`` normalises with batch statistics (BatchNorm)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def ghost_groups_fit(group_size: Optional[int], n: int) -> bool:
+    """Whether ``n`` auxiliary samples can be normalised in ghost groups of ``group_size``:
+    no groups, one group (``n <= group_size``), or groups that divide ``n``."""
+    return group_size is None or n <= group_size or n % group_size == 0
 
 
 def has_dual_norm(model: nn.Module) -> bool:

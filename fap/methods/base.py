@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fap.norm import dual_norm_modules, has_dual_norm
+from fap.norm import dual_norm_modules, ghost_groups_fit, has_dual_norm
 
 __all__ = [
     "Method",
@@ -137,7 +137,7 @@ class Method:
             check_dual_norm(model, dual, self.name)
         groups = {m.aux_group_size for m in dual_norm_modules(model)} - {None}
         for g in groups:
-            if aux > g and aux % g:
+            if not ghost_groups_fit(g, aux):
                 raise ValueError(
                     f"{self.name}: aux_group_size={g} must divide the {aux} images of each auxiliary-norm "
                     f"pass (loader batch {batch_size}); choose a group size among "

@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from fap.attacks import check_epsilon, random_start, sign_step
 from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_dual_norm, check_images
-from fap.norm import dual_norm_modules, route, set_grad_scale, split_route
+from fap.norm import dual_norm_modules, has_batch_norm, route, set_grad_scale, split_route
 
 __all__ = [
     "FastAdvProp",
@@ -284,7 +284,7 @@ class FastAdvProp(Method):
         norms (``aux_group_size``). The permutation is drawn on rank 0 and broadcast, so
         every rank takes a disjoint slice of the same regrouped global batch.
         """
-        if not _has_batch_norm(model):
+        if not has_batch_norm(model):
             # Per-sample norms (LayerNorm, GroupNorm): no batch statistics to decouple, and
             # with equal per-rank counts the summed gradient does not depend on which rank
             # holds which sample. Skip it, and its all-gather.
@@ -318,10 +318,6 @@ class FastAdvProp(Method):
         rank = dist.get_rank()
         idx = perm[rank * b_a:(rank + 1) * b_a]
         return torch.cat(xs)[idx], torch.cat(ys)[idx]
-
-
-def _has_batch_norm(model) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _aux_group_size(model) -> Optional[int]:
