@@ -666,11 +666,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              "checkpoint.every_steps, checkpoint.every_epochs and checkpoint.keep must be >= 0")
     _require(lg.every_steps >= 1, f"log.every_steps={lg.every_steps}: expected an int >= 1")
     name = method_name(cfg.method)
-    dual = getattr(cfg.method, "dual_norm", None)
-    if dual is not None:
-        _require(dual == cfg.model.dual_norm,
-                 f"method.dual_norm={dual} but model.dual_norm={cfg.model.dual_norm}: {name} "
-                 "needs the model built the same way; set both to the same value")
+    norms = getattr(cfg.method, "norms", None)
+    if norms is not None:
+        _require((norms == "dual") == cfg.model.dual_norm,
+                 f"method.norms={norms!r} but model.dual_norm={cfg.model.dual_norm}: {name} with norms='dual' "
+                 "needs model.dual_norm=true, with 'shared' or 'mixed' model.dual_norm=false")
     if m.enabled and name == "advprop":
         raise ConfigError("mixup is enabled but method 'advprop' pairs each clean image with its "
                           "adversarial copy, which Mixup/CutMix would break; use fast_advprop or vanilla")

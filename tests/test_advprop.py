@@ -29,6 +29,40 @@ def test_gradient_is_clean_plus_adversarial_mean_loss():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("norms", ["shared", "mixed"])
+def test_one_set_of_norms_gradient_is_the_same_objective(norms):
+    """mixed: one forward of [clean; adversarial] (shared batch statistics); shared: one
+    forward each. Both give the gradient of (Σ ℓ_clean + Σ ℓ_adv) / B under their norms."""
+    model0 = tiny_model(dual=False)
+    x, y = batch(12)
+    model = copy.deepcopy(model0)
+    seen, calls = [], []
+    model.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+
+    def backward(loss):
+        calls.append(loss)
+        loss.backward()
+
+    metrics = AdvProp(epsilon=4.0, attack_steps=3, num_classes=5, norms=norms).train_step(model, x, y, backward)
+    ref = copy.deepcopy(model0)
+    if norms == "mixed":
+        x_adv = seen[-1][12:]
+        assert torch.equal(seen[-1][:12], x)
+        logits = ref(torch.cat([x, x_adv]))
+        logits_c, logits_a = logits[:12], logits[12:]
+    else:
+        x_adv = seen[-1]
+        assert torch.equal(seen[-2], x) and seen[-1].shape[0] == 12
+        logits_c, logits_a = ref(x), ref(x_adv)
+    assert (x_adv - x).abs().max() <= 4 / 255 + 1e-6 and (x_adv != x).any()
+    loss = (F.cross_entropy(logits_c, y, reduction="sum") + F.cross_entropy(logits_a, y, reduction="sum")) / 12
+    loss.backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
+    assert len(calls) == (2 if norms == "shared" else 1)  # the attack's passes take input gradients only
+    assert metrics["backward_passes"] == len(calls) + 3
+
+
 def test_attack_uses_aux_running_statistics_and_leaves_them_alone():
     model = tiny_model()
     x, y = batch(12)

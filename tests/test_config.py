@@ -91,7 +91,7 @@ def test_bad_overrides_name_the_key_and_the_valid_choices(args, words):
     (lambda c: dataclasses.replace(c, sched=dataclasses.replace(c.sched, sched="multistep")),
      ["sched.milestones is empty"]),
     (lambda c: dataclasses.replace(c, model=dataclasses.replace(c.model, dual_norm=False)),
-     ["method.dual_norm=True", "model.dual_norm=False"]),
+     ["method.norms='dual'", "model.dual_norm=False"]),
     (lambda c: dataclasses.replace(c, method=CONFIGS["advprop"](), mixup=dataclasses.replace(c.mixup, mixup_alpha=0.8)),
      ["mixup", "advprop"]),
     (lambda c: dataclasses.replace(c, optim=dataclasses.replace(c.optim, opt="adamwww")),

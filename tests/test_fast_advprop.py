@@ -77,8 +77,12 @@ def run_step(model, x, y, **cfg):
     return method, metrics, grads, rec.inputs, calls, perms
 
 
-def closed_form(model0, x, y, x_noisy, *, beta=0.5, steps=1, reuse=True, per_group=True, perm=None, eps=EPS):
-    """The objective of DESIGN.md, with plain autograd and hand normalisation."""
+def closed_form(model0, x, y, x_noisy, *, beta=0.5, steps=1, reuse=True, per_group=True, perm=None, eps=EPS,
+                mixed=False):
+    """The objective of DESIGN.md, with plain autograd and hand normalisation.
+
+    ``mixed``: the clean and the adversarial losses come from one forward of
+    ``[clean; adversarial]`` (one set of norms, one batch), made after the attack."""
     m = copy.deepcopy(model0)
     params = dict(m.named_parameters())
     b_c = x.shape[0] - round(P_ADV * x.shape[0])
@@ -86,8 +90,9 @@ def closed_form(model0, x, y, x_noisy, *, beta=0.5, steps=1, reuse=True, per_gro
     x_c, y_c, x_a, y_a = x[:b_c], y[:b_c], x[b_c:], y[b_c:]
     grad = lambda loss: dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True,
                                                              retain_graph=True)))
-    with route(m, "main"):
-        g_clean = grad(F.cross_entropy(m(x_c), y_c, reduction="sum"))
+    if not mixed:
+        with route(m, "main"):
+            g_clean = grad(F.cross_entropy(m(x_c), y_c, reduction="sum"))
     noisy_terms, x_cur = [], x_noisy
     for _ in range(steps):
         x_n = x_cur.clone().requires_grad_(True)
@@ -98,8 +103,13 @@ def closed_form(model0, x, y, x_noisy, *, beta=0.5, steps=1, reuse=True, per_gro
         step = x_n.detach() + eps / 255 * g_x.sign()
         x_cur = torch.min(torch.max(step, x_a - eps / 255), x_a + eps / 255).clamp(0, 1)
     x_adv, y_adv = (x_cur, y_a) if perm is None else (x_cur[perm], y_a[perm])
-    with route(m, "aux"):
-        g_adv = grad(F.cross_entropy(m(x_adv), y_adv, reduction="sum"))
+    if mixed:
+        logits = m(torch.cat([x_c, x_adv]))
+        g_clean = grad(F.cross_entropy(logits[:b_c], y_c, reduction="sum"))
+        g_adv = grad(F.cross_entropy(logits[b_c:], y_adv, reduction="sum"))
+    else:
+        with route(m, "aux"):
+            g_adv = grad(F.cross_entropy(m(x_adv), y_adv, reduction="sum"))
     groups = norm_param_names(m)
     z = lambda g, n: g[n] if g[n] is not None else torch.zeros_like(params[n])
     w_aux = beta * b_a * ((steps if reuse else 0) + 1)
@@ -140,6 +150,27 @@ def test_gradients_equal_the_closed_form(fused):
     assert_grads_equal(grads, expected)
     assert len(calls) == (2 if fused else 3)
     assert metrics["cost_ratio"] == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize("norms", ["shared", "mixed"])
+def test_one_set_of_norms_gradients_equal_the_closed_form(norms):
+    """``shared`` and ``mixed`` minimise the same objective with one set of norms; they
+    differ only in which rows share batch statistics (mixed: clean and adversarial)."""
+    model0 = tiny_model(dual=False)
+    x, y = batch()
+    model = copy.deepcopy(model0)
+    _, metrics, grads, inputs, calls, _ = run_step(model, x, y, p_adv=P_ADV, epsilon=EPS, norms=norms,
+                                                      shuffle=False)
+    x_noisy = inputs[0] if norms == "mixed" else inputs[1]  # mixed runs the noisy pass first
+    expected, _, x_adv, _ = closed_form(model0, x, y, x_noisy, mixed=norms == "mixed")
+    if norms == "mixed":
+        assert torch.equal(inputs[-1], torch.cat([x[:16], x_adv.float()]))
+    else:
+        assert torch.equal(inputs[-1], x_adv.float())
+    assert_grads_equal(grads, expected)
+    assert len(calls) == (2 if norms == "mixed" else 3)
+    assert metrics["forward_passes"] == len(calls) and metrics["cost_ratio"] == pytest.approx(1.2)
+    assert metrics["count_clean"] == 16 and metrics["count_adversarial"] == 4
 
 
 def test_update_mix_is_80_10_10_for_shared_parameters():
@@ -300,12 +331,13 @@ def test_budget_matching_matches_the_paper():
 def test_shared_norms_mode_uses_one_set_of_norms():
     model = tiny_model(dual=False).float()
     x, y = batch()
-    metrics = FastAdvProp(p_adv=P_ADV, dual_norm=False).train_step(model, x, y, lambda l: l.backward())
+    metrics = FastAdvProp(p_adv=P_ADV, norms="shared").train_step(model, x, y, lambda l: l.backward())
     assert metrics["count_adversarial"] == 4
-    with pytest.raises(ValueError, match="dual_norm=True but the model has no auxiliary norms"):
+    with pytest.raises(ValueError, match="norms='dual' but the model has no auxiliary norms"):
         FastAdvProp().train_step(model, x, y, lambda l: l.backward())
-    with pytest.raises(ValueError, match="dual_norm=False"):
-        FastAdvProp(dual_norm=False).train_step(tiny_model().float(), x, y, lambda l: l.backward())
+    for norms in ("shared", "mixed"):
+        with pytest.raises(ValueError, match=f"norms='{norms}' \\(one set of norms\\) but the model has auxiliary"):
+            FastAdvProp(norms=norms).train_step(tiny_model().float(), x, y, lambda l: l.backward())
 
 
 def test_bad_configuration_is_a_clear_error():
@@ -316,8 +348,10 @@ def test_bad_configuration_is_a_clear_error():
         FastAdvProp(epsilon=-1.0)
     with pytest.raises(ValueError, match="unknown option"):
         FastAdvProp(eps=1.0)
-    with pytest.raises(ValueError, match="fused=True needs dual_norm=True"):
-        FastAdvProp(fused=True, dual_norm=False)
+    with pytest.raises(ValueError, match="fused=True needs norms='dual'"):
+        FastAdvProp(fused=True, norms="mixed")
+    with pytest.raises(ValueError, match="norms must be one of dual, shared, mixed, got 'split'"):
+        FastAdvProp(norms="split")
     x, y = batch(4)
     with pytest.raises(ValueError, match="a batch of 4 cannot be split with p_adv=0.1"):
         FastAdvProp(p_adv=0.1).train_step(tiny_model().float(), x, y, lambda l: l.backward())
@@ -349,7 +383,7 @@ def test_check_setup_names_ghost_groups_that_do_not_divide_the_adversarial_split
         method.check_setup(tiny_model(aux_group_size=4), 50)
     with pytest.raises(ValueError, match="at least 5 images"):
         method.check_setup(tiny_model(), 2)
-    with pytest.raises(ValueError, match="dual_norm=True but the model has no auxiliary norms"):
+    with pytest.raises(ValueError, match="norms='dual' but the model has no auxiliary norms"):
         method.check_setup(tiny_model(dual=False), 20)
 
 

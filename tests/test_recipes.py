@@ -81,8 +81,8 @@ def test_recipe_errors_are_clear(monkeypatch):
     from fap import ConfigError, parse_args
 
     resnet = _recipe("resnet50")
-    with pytest.raises(ConfigError, match=r"method.dual_norm=False but model.dual_norm=True"):
-        parse_args(resnet.config(), ["--smoke", "--method.dual_norm=false"], smoke=resnet.smoke)
+    with pytest.raises(ConfigError, match=r"method.norms='shared' but model.dual_norm=True"):
+        parse_args(resnet.config(), ["--smoke", "--method.norms=shared"], smoke=resnet.smoke)
     with pytest.raises(ConfigError, match=r"sched.milestones=\[1, 2, 50\] reach past train.epochs=3"):
         parse_args(resnet.config(), ["--smoke", "--sched.milestones=1,2,50"], smoke=resnet.smoke)
     with pytest.raises(ConfigError, match="unknown key 'p_adv' in --method.p_adv: method 'vanilla'"):

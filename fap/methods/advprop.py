@@ -7,6 +7,14 @@ one forward of ``[clean; adversarial]`` with split routing — clean rows throug
 main norms, adversarial rows through the auxiliary ones — and one backward of
 ``(Σ_clean ℓ + Σ_adversarial ℓ) / B``, i.e. L(clean) + L(adv) with batch means.
 Cost: K attack passes + 2 training passes per image, (K + 2)× vanilla.
+
+``norms`` says what is normalised together (`fap.methods.base.NORM_MODES`): ``dual`` is
+the above; ``mixed`` is the paper's "vanilla adversarial training" baseline, the same
+forward of ``[clean; adversarial]`` through one set of norms, so both halves share batch
+statistics; ``shared`` also uses one set of norms but runs the clean and the adversarial
+half as two forward/backward passes (the first one without gradient reduction), each
+normalised by its own batch. The objective, loss weights and cost are the same in all
+three. The attack runs through the norms the adversarial images train with.
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ from typing import Optional
 import torch
 
 from fap.attacks import ADVPROP_RANDOM_INIT_PROB, check_epsilon, pgd
-from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_dual_norm, check_images
+from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_images, check_norms, NORM_MODES, Norms
 from fap.norm import route, split_route
 
 __all__ = ["AdvProp", "AdvPropConfig"]
@@ -33,7 +41,7 @@ class AdvPropConfig:
         random_init_prob: probability of a uniform random start (tensorpack AdvProp: 0.8).
         attack_bn_mode: ``"eval"`` attacks with the aux norms' running statistics (the
             re-implementations); ``"train"`` uses batch statistics.
-        dual_norm: adversarial images through auxiliary norms; False = shared norms.
+        norms: ``"dual"``, ``"shared"`` or ``"mixed"``; see the module docstring.
         label_smoothing: on the clean loss (ignored under Mixup).
         num_classes: needed for targeted attacks; None reads it from the logits.
     """
@@ -43,7 +51,7 @@ class AdvPropConfig:
     targeted: bool = True
     random_init_prob: float = ADVPROP_RANDOM_INIT_PROB
     attack_bn_mode: str = "eval"
-    dual_norm: bool = True
+    norms: Norms = "dual"
     label_smoothing: float = 0.0
     num_classes: Optional[int] = None
 
@@ -63,30 +71,43 @@ class AdvProp(Method):
             raise ValueError(f"attack_bn_mode must be 'eval' or 'train', got {c.attack_bn_mode!r}")
         if not 0.0 <= c.random_init_prob <= 1.0:
             raise ValueError(f"random_init_prob must be in [0, 1], got {c.random_init_prob}")
+        if c.norms not in NORM_MODES:
+            raise ValueError(f"norms must be one of {', '.join(NORM_MODES)}, got {c.norms!r}")
 
     def split(self, batch_size: int):
         return batch_size, batch_size  # every image has an adversarial copy
 
     def cost(self, batch_size: int) -> StepCost:
         k = self.config.attack_steps
-        return StepCost(forward=k + 1, backward=k + 1,
+        passes = k + (2 if self.config.norms == "shared" else 1)
+        return StepCost(forward=passes, backward=passes,
                         image_passes=(k + 2) * batch_size, vanilla=batch_size)
 
     def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, attack_model=None):
         c = self.config
         check_images(images, labels)
-        check_dual_norm(model, c.dual_norm, self.name)
+        check_norms(model, c.norms, self.name)
         attacker = attack_model if attack_model is not None else model
         b = images.shape[0]
         x_adv = self._attack(attacker, images, labels)
         x_c, t_c = self._clean_targets(images, labels)
-        with split_route(model, b):
-            logits = model(torch.cat([x_c, x_adv]))
-        loss_clean = ce_sum(logits[:b], t_c, c.label_smoothing)
-        loss_adv = ce_sum(logits[b:], labels)
-        backward((loss_clean + loss_adv) / b)
-        metrics = branch_metrics("clean", loss_clean, logits[:b], t_c)
-        metrics.update(branch_metrics("adversarial", loss_adv, logits[b:], labels))
+        if c.norms == "shared":
+            with no_sync():
+                logits_c = model(x_c)
+                loss_clean = ce_sum(logits_c, t_c, c.label_smoothing)
+                backward(loss_clean / b)
+            logits_a = model(x_adv)
+            loss_adv = ce_sum(logits_a, labels)
+            backward(loss_adv / b)
+        else:  # dual: split routing; mixed: one set of norms, one batch
+            with split_route(model, b):
+                logits = model(torch.cat([x_c, x_adv]))
+            logits_c, logits_a = logits[:b], logits[b:]
+            loss_clean = ce_sum(logits_c, t_c, c.label_smoothing)
+            loss_adv = ce_sum(logits_a, labels)
+            backward((loss_clean + loss_adv) / b)
+        metrics = branch_metrics("clean", loss_clean, logits_c, t_c)
+        metrics.update(branch_metrics("adversarial", loss_adv, logits_a, labels))
         metrics.update(self.cost(b).as_metrics())
         return metrics
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, fields
-from typing import Callable, ContextManager, Dict, Optional, Tuple, Union
+from typing import Callable, ContextManager, Dict, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,12 +25,27 @@ __all__ = [
     "StepCost",
     "ce_sum",
     "correct",
-    "check_dual_norm",
+    "check_norms",
+    "NORM_MODES",
+    "Norms",
 ]
 
 Backward = Callable[[torch.Tensor], None]
 NoSync = Callable[[], ContextManager]
 MixupFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+Norms = Literal["dual", "shared", "mixed"]
+NORM_MODES: Tuple[str, ...] = ("dual", "shared", "mixed")
+"""What is normalised together (AdvProp, Xie et al., Sec. 4.2, and its "vanilla
+adversarial training" baseline):
+
+* ``dual``: adversarial images go through auxiliary norms, clean ones through the main
+  norms (disentangled learning);
+* ``shared``: one set of norms; every pass normalises its own batch, so clean and
+  adversarial images never share batch statistics;
+* ``mixed``: one set of norms; clean and adversarial images are normalised together in
+  one batch (the condition the disentangled-learning hypothesis says hurts).
+"""
 
 
 def ce_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -77,17 +92,20 @@ class StepCost:
         }
 
 
-def check_dual_norm(model: nn.Module, dual_norm: bool, method: str) -> None:
-    """The method's ``dual_norm`` switch must match how the model was built."""
+def check_norms(model: nn.Module, norms: str, method: str) -> None:
+    """The method's ``norms`` mode must be known and match how the model was built:
+    ``dual`` needs auxiliary norms, ``shared`` and ``mixed`` need a model without them."""
+    if norms not in NORM_MODES:
+        raise ValueError(f"{method}: norms={norms!r} is not a norm mode; expected one of {', '.join(NORM_MODES)}")
     has = has_dual_norm(model)
-    if dual_norm and not has:
+    if norms == "dual" and not has:
         raise ValueError(
-            f"{method}: dual_norm=True but the model has no auxiliary norms; build it with "
-            "fap.models.create_model(..., dual_norm=True) or set the method's dual_norm=False"
+            f"{method}: norms='dual' but the model has no auxiliary norms; build it with "
+            "fap.models.create_model(..., dual_norm=True) or set the method's norms to 'shared' or 'mixed'"
         )
-    if not dual_norm and has:
+    if norms != "dual" and has:
         raise ValueError(
-            f"{method}: dual_norm=False (shared norms) but the model has auxiliary norms; "
+            f"{method}: norms={norms!r} (one set of norms) but the model has auxiliary norms; "
             "build it with create_model(..., dual_norm=False)"
         )
 
@@ -132,9 +150,9 @@ class Method:
         auxiliary batch or an odd clean batch under Mixup fail at set-up, not mid-run.
         """
         clean, aux = self.split(batch_size)
-        dual = getattr(self.config, "dual_norm", None)
-        if dual is not None:
-            check_dual_norm(model, dual, self.name)
+        norms = getattr(self.config, "norms", None)
+        if norms is not None:
+            check_norms(model, norms, self.name)
         groups = {m.aux_group_size for m in dual_norm_modules(model)} - {None}
         for g in groups:
             if not ghost_groups_fit(g, aux):

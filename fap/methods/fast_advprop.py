@@ -12,6 +12,16 @@ adversarial split. One step = K + 2 passes, one optimizer step:
 3. adversarial: ``x_adv = clip(x_a + δ0 + step·sign(∇x), x_a ± ε) ∩ [0, 1]``, regrouped
    across BN groups (Shuffling BN), through the auxiliary norms, loss weight β.
 
+``norms`` says what is normalised together (`fap.methods.base.NORM_MODES`): ``dual`` is
+the above; ``shared`` runs the same passes through one set of norms, each pass with its
+own batch statistics; ``mixed`` is the AdvProp paper's "vanilla adversarial training"
+condition on the same passes: the noisy pass(es) run first and alone (they exist to find
+the attack direction, before any adversarial image exists; the same as in ``shared``), then
+*one* forward of ``[clean part; adversarial part]`` normalises the clean and the
+adversarial images in one batch, with loss weights 1 and β and one backward. Loss weights,
+gradient normalisation and image-passes are those of ``shared``; it makes one
+forward/backward fewer.
+
 Losses are per-sample sums, normalised per parameter group (the paper's "synchronised
 update speed"): shared parameters by the total weight ``B_c + β·B_a·(K+1)`` (= B_c + B_a
 for β = 0.5, K = 1, i.e. an 80/10/10 mix of split means at p_adv = 0.2), main-norm
@@ -54,7 +64,7 @@ import torch
 import torch.distributed as dist
 
 from fap.attacks import check_epsilon, random_start, sign_step
-from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_dual_norm, check_images
+from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_images, check_norms, NORM_MODES, Norms
 from fap.norm import dual_norm_modules, has_batch_norm, route, set_grad_scale, split_route
 
 __all__ = [
@@ -86,9 +96,10 @@ class FastAdvPropConfig:
             their own counts ("synchronisation"); False divides all by the shared count.
         shuffle: Shuffling BN: regroup the adversarial images across BN groups (ranks,
             and ghost groups of ``aux_group_size``) between the noisy and adversarial pass.
-        dual_norm: adversarial images through auxiliary norms; False = shared norms
-            (plain adversarial training on the adversarial split).
-        fused: run the clean and first noisy pass as one forward/backward.
+        norms: ``"dual"`` (adversarial images through auxiliary norms), ``"shared"`` (one
+            set of norms, each pass its own batch) or ``"mixed"`` (one set of norms, clean
+            and adversarial images in one batch); see the module docstring.
+        fused: run the clean and first noisy pass as one forward/backward (``dual`` only).
         label_smoothing: on the clean loss (ignored under Mixup).
     """
     p_adv: float = 0.2
@@ -101,7 +112,7 @@ class FastAdvPropConfig:
     reuse: bool = True
     per_group_normalization: bool = True
     shuffle: bool = True
-    dual_norm: bool = True
+    norms: Norms = "dual"
     fused: bool = False
     label_smoothing: float = 0.0
 
@@ -179,9 +190,11 @@ class FastAdvProp(Method):
             raise ValueError(f"random_init_prob must be in [0, 1], got {c.random_init_prob}")
         if c.random_init_per not in ("sample", "batch"):
             raise ValueError(f"random_init_per must be 'sample' or 'batch', got {c.random_init_per!r}")
-        if c.fused and not c.dual_norm:
-            raise ValueError("fused=True needs dual_norm=True: with shared BatchNorm the fused "
-                             "pass would mix clean and noisy batch statistics")
+        if c.norms not in NORM_MODES:
+            raise ValueError(f"norms must be one of {', '.join(NORM_MODES)}, got {c.norms!r}")
+        if c.fused and c.norms != "dual":
+            raise ValueError(f"fused=True needs norms='dual', got norms={c.norms!r}: with one set of "
+                             "BatchNorm the fused pass would mix clean and noisy batch statistics")
         if c.fused and not c.reuse:
             raise ValueError("fused=True needs reuse=True: the fused backward trains on the noisy pass")
 
@@ -199,7 +212,7 @@ class FastAdvProp(Method):
         c = self.config
         b_c, b_a = split_sizes(batch_size, c.p_adv)
         k = c.attack_steps
-        passes = k + 2 - (1 if c.fused else 0)
+        passes = k + 2 - (1 if (c.fused or c.norms == "mixed") else 0)
         return StepCost(forward=passes, backward=passes,
                         image_passes=b_c + b_a * (k + 1), vanilla=batch_size)
 
@@ -207,7 +220,7 @@ class FastAdvProp(Method):
     def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, attack_model=None):
         c = self.config
         check_images(images, labels)
-        check_dual_norm(model, c.dual_norm, self.name)
+        check_norms(model, c.norms, self.name)
         b = images.shape[0]
         b_c, b_a = split_sizes(b, c.p_adv)
         w = self.weights(b_c, b_a)
@@ -225,17 +238,9 @@ class FastAdvProp(Method):
                 x_cur = random_start(x_a, c.epsilon, random_init_prob=c.random_init_prob, per=c.random_init_per)
                 first = True
                 if c.fused:
-                    x_n = x_cur.requires_grad_(True)
-                    with split_route(model, b_c):
-                        logits = model(torch.cat([x_c, x_n]))
-                    loss_c = ce_sum(logits[:b_c], t_c, c.label_smoothing)
-                    loss_n = ce_sum(logits[b_c:], y_a)
-                    backward(k * (loss_c + c.beta * loss_n))
-                    metrics.update(branch_metrics("clean", loss_c, logits[:b_c], t_c))
-                    metrics.update(branch_metrics("noisy", loss_n, logits[b_c:], y_a))
-                    x_cur = sign_step(x_a, x_n, x_n.grad, epsilon=c.epsilon, step=step)
+                    x_cur = self._fused_pass(model, x_c, t_c, x_a, x_cur, y_a, backward, k, step, metrics)
                     first = False
-                else:
+                elif c.norms != "mixed":
                     with route(model, "main"):
                         logits_c = model(x_c)
                     loss_c = ce_sum(logits_c, t_c, c.label_smoothing)
@@ -247,15 +252,43 @@ class FastAdvProp(Method):
                     first = False
             metrics["perturbation_linf"] = (x_cur - x_a.float()).abs().amax() * 255.0
             x_adv, y_adv = self._shuffle(model, x_cur, y_a) if c.shuffle else (x_cur, y_a)
-            with route(model, "aux"):
-                logits_a = model(x_adv)
-            loss_a = ce_sum(logits_a, y_adv)
-            backward(k * c.beta * loss_a)
-            metrics.update(branch_metrics("adversarial", loss_a, logits_a, y_adv))
+            if c.norms == "mixed":
+                self._mixed_pass(model, x_c, t_c, x_adv, y_adv, backward, k, metrics)
+            else:
+                with route(model, "aux"):
+                    logits_a = model(x_adv)
+                loss_a = ce_sum(logits_a, y_adv)
+                backward(k * c.beta * loss_a)
+                metrics.update(branch_metrics("adversarial", loss_a, logits_a, y_adv))
         finally:
             set_grad_scale(model, main=1.0, aux=1.0)
         metrics.update(self.cost(b).as_metrics())
         return metrics
+
+    def _fused_pass(self, model, x_c, t_c, x_a, x_cur, y_a, backward, k, step, metrics):
+        """Clean and first noisy pass as one split-routed forward/backward; the next point."""
+        c = self.config
+        b_c = x_c.shape[0]
+        x_n = x_cur.requires_grad_(True)
+        with split_route(model, b_c):
+            logits = model(torch.cat([x_c, x_n]))
+        loss_c = ce_sum(logits[:b_c], t_c, c.label_smoothing)
+        loss_n = ce_sum(logits[b_c:], y_a)
+        backward(k * (loss_c + c.beta * loss_n))
+        metrics.update(branch_metrics("clean", loss_c, logits[:b_c], t_c))
+        metrics.update(branch_metrics("noisy", loss_n, logits[b_c:], y_a))
+        return sign_step(x_a, x_n, x_n.grad, epsilon=c.epsilon, step=step)
+
+    def _mixed_pass(self, model, x_c, t_c, x_adv, y_adv, backward, k, metrics):
+        """``norms="mixed"``: clean and adversarial rows normalised in one batch, one backward."""
+        c = self.config
+        b_c = x_c.shape[0]
+        logits = model(torch.cat([x_c, x_adv]))
+        loss_c = ce_sum(logits[:b_c], t_c, c.label_smoothing)
+        loss_a = ce_sum(logits[b_c:], y_adv)
+        backward(k * (loss_c + c.beta * loss_a))
+        metrics.update(branch_metrics("clean", loss_c, logits[:b_c], t_c))
+        metrics.update(branch_metrics("adversarial", loss_a, logits[b_c:], y_adv))
 
     def _noisy_pass(self, model, attack_model, x_a, x_cur, y_a, backward, k, step, metrics):
         """Forward the current point through the aux norms (train mode); return the next point."""
