@@ -174,11 +174,12 @@ def run_suite(
         data: Optional[DataConfig] = None,
         classes: Optional[Sequence[str]] = None,
         info: Optional[LoadedModel] = None,
+        branch: str = "main",
 ) -> Dict[str, Any]:
     """Evaluate ``model`` on the sets of ``suite``; every process returns the same dict.
 
     Call it on every process. The model may be wrapped by ``accelerator.prepare`` (DDP,
-    DeepSpeed); it is unwrapped, routed to its main norms, put in eval mode for the
+    DeepSpeed); it is unwrapped, routed to ``branch``'s norms, put in eval mode for the
     duration and given back in the mode it was in.
 
     Args:
@@ -192,9 +193,12 @@ def run_suite(
             weights (``info``), else the clean folder's classes, else ImageNet-1k's
             WordNet ids for a 1000-class model.
         info: what was loaded with the weights (`fap.evaluation.loading.load_model`).
+        branch: ``"main"`` (what inference uses) or ``"aux"``: a dual-norm model's
+            auxiliary norms, with their running statistics; the PGD attack is then made
+            against that branch too.
 
     Returns:
-        ``{"model": ..., "preprocess": ..., "num_processes": N, "sets": {name: numbers}}``,
+        ``{"model": ..., "branch": ..., "preprocess": ..., "num_processes": N, "sets": {...}}``,
         numbers in percent (see `fap.evaluation.report` and `fap.evaluation.metrics`).
     """
     suite = suite.validate()
@@ -205,13 +209,14 @@ def run_suite(
         raise ValueError("data.skip_corrupt=True: evaluation counts every image, as published numbers do; "
                          "remove or repair the unreadable files instead")
     net = accelerator.unwrap_model(model)
+    _check_branch(net, info, branch)
     num_classes = _num_classes(net, info)
     classes = _resolve_classes(classes, info, data, num_classes)
     prep = _preprocess(suite, data, info)
     results: Dict[str, Any] = {
         "model": {"name": (info.name if info else getattr(net, "model_name", "")) or type(net).__name__,
                   "num_classes": num_classes, "source": info.source if info else ""},
-        "preprocess": prep, "num_processes": accelerator.num_processes, "sets": {},
+        "branch": branch, "preprocess": prep, "num_processes": accelerator.num_processes, "sets": {},
     }
     sets = results["sets"]
     context = _Context(accelerator, net, classes, num_classes, suite, prep)
@@ -220,7 +225,7 @@ def run_suite(
     was_training = net.training
     net.eval()
     try:
-        with route(net, "main"):
+        with route(net, branch):
             if suite.clean:
                 sets["clean"] = _clean(context, data)
             if suite.pgd_steps:
@@ -234,6 +239,20 @@ def run_suite(
     finally:
         net.train(was_training)
     return results
+
+
+def _check_branch(net: nn.Module, info: Optional[LoadedModel], branch: str) -> None:
+    """``branch`` must be one the model has: its auxiliary norms, or loaded in place of the main ones."""
+    from fap.norm import BRANCHES, has_dual_norm
+
+    if branch not in BRANCHES:
+        raise ValueError(f"branch={branch!r}: expected one of {', '.join(BRANCHES)}")
+    loaded = info.branch if info is not None else "main"
+    if branch == "aux" and not has_dual_norm(net) and loaded != "aux":
+        raise ValueError("branch='aux' needs a model with auxiliary norms (fap.models.create_model(..., "
+                         "dual_norm=True)) or one loaded with load_model(..., branch='aux')")
+    if branch == "main" and loaded == "aux":
+        raise ValueError("the model was loaded with its auxiliary norms (branch='aux'); evaluate it with branch='aux'")
 
 
 @dataclass
@@ -465,6 +484,7 @@ def evaluate(
         ema: bool = False,
         accelerator=None,
         out_dir: Optional[str] = None,
+        branch: str = "main",
 ) -> Dict[str, Any]:
     """Load (if needed) and evaluate a model; optionally write ``results.json`` / ``results.md``.
 
@@ -479,6 +499,8 @@ def evaluate(
         accelerator: an ``Accelerator``; default a new one (``accelerate launch`` decides
             processes and precision).
         out_dir: if set, the main process writes the report there.
+        branch: ``"main"`` norms, or ``"aux"``: the auxiliary norms of a dual-norm model or
+            checkpoint (an export has none; that is an error).
 
     Returns:
         The results dict of :func:`run_suite`.
@@ -487,14 +509,15 @@ def evaluate(
 
     accelerator = accelerator or Accelerator()
     if isinstance(model, (str, os.PathLike)):
-        info = load_model(str(model), model_name=model_name, ema=ema)
+        info = load_model(str(model), model_name=model_name, ema=ema, branch=branch)
     elif isinstance(model, LoadedModel):
         info = model
     else:
         info = None
     module = wrap_module(info.model if info else model)
     module = accelerator.prepare_model(module, evaluation_mode=True)
-    results = run_suite(accelerator, module, suite or SuiteConfig(), data=data, classes=classes, info=info)
+    results = run_suite(accelerator, module, suite or SuiteConfig(), data=data, classes=classes, info=info,
+                        branch=branch)
     if out_dir and accelerator.is_main_process:
         write_report(results, out_dir)
     accelerator.wait_for_everyone()
@@ -526,6 +549,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with the weights, else the clean folder's classes, else ImageNet-1k's for 1000 classes)")
     parser.add_argument("--model-name", default=None, help="timm architecture, overriding the one recorded")
     parser.add_argument("--ema", action="store_true", help="evaluate a checkpoint's EMA weights")
+    parser.add_argument("--branch", default="main", choices=("main", "aux"),
+                        help="norms to evaluate through: main (default, what inference uses) or aux (a dual-norm "
+                             "checkpoint's auxiliary norms and their running statistics; exports have none)")
     parser.add_argument("--corruptions", default="", help="comma-separated ImageNet-C corruptions (default: all found)")
     parser.add_argument("--pgd-steps", type=int, default=10, help="K of PGD-K for 'pgd' (default: 10)")
     parser.add_argument("--pgd-epsilon", type=float, default=1.0, help="ε in 1/255 units (default: 1)")
@@ -589,7 +615,7 @@ def _run(args: argparse.Namespace) -> int:
 
     suite, data_path = parse_suite(args.suite, args)
     accelerator = Accelerator()
-    info = load_model(args.model, model_name=args.model_name, ema=args.ema)
+    info = load_model(args.model, model_name=args.model_name, ema=args.ema, branch=args.branch)
     data = None
     if suite.clean or suite.pgd_steps:
         if not data_path:
@@ -600,7 +626,8 @@ def _run(args: argparse.Namespace) -> int:
                           interpolation=args.interpolation or info.interpolation or DEFAULT_INTERPOLATION,
                           num_workers=args.num_workers)
     out = args.out or f"eval-{os.path.basename(os.path.normpath(args.model))}"
-    results = evaluate(info, suite, data=data, classes=args.classes, accelerator=accelerator, out_dir=out)
+    results = evaluate(info, suite, data=data, classes=args.classes, accelerator=accelerator, out_dir=out,
+                       branch=args.branch)
     if accelerator.is_main_process:
         print(format_markdown(results))
         print(f"\nwrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'results.md')}")

@@ -56,6 +56,7 @@ __all__ = [
     "has_dual_norm",
     "norm_param_names",
     "route",
+    "select_branch",
     "split_route",
     "set_grad_scale",
     "set_aux_group_size",
@@ -458,6 +459,37 @@ def strip_aux(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         k: v for k, v in state_dict.items()
         if not (k.startswith(marker) or f".{marker}" in k)
     }
+
+
+def select_branch(state_dict: Dict[str, torch.Tensor], branch: str) -> Dict[str, torch.Tensor]:
+    """A plain timm state dict of one branch of a dual-norm model.
+
+    ``"main"`` is `strip_aux`; ``"aux"`` puts each layer's auxiliary entries in place of
+    its main ones. In eval mode the plain model with the ``"aux"`` dict computes exactly
+    what the dual model routed to ``"aux"`` computes (running statistics and affine
+    parameters of the auxiliary norms, shared weights otherwise), so every evaluation can
+    score the auxiliary branch (AdvProp, Sec. 4.2: two domains, two sets of statistics).
+
+    Raises:
+        ValueError: unknown branch, or ``"aux"`` asked of a dict without auxiliary norms.
+    """
+    if branch not in BRANCHES:
+        raise ValueError(f"unknown branch {branch!r}; expected one of {BRANCHES}")
+    out = strip_aux(state_dict)
+    if branch == "main":
+        return out
+    marker = f"{AUX_NAME}."
+    aux = {k: v for k, v in state_dict.items() if k.startswith(marker) or f".{marker}" in k}
+    if not aux:
+        raise ValueError("branch 'aux': these weights have no auxiliary norms (an export keeps the main norms "
+                         "only, and a run with norms='shared' or 'mixed' has none); evaluate a checkpoint or "
+                         "run directory of a norms='dual' run")
+    for k, v in aux.items():
+        main_key = k[len(marker):] if k.startswith(marker) else k.replace(f".{marker}", ".", 1)
+        if main_key not in out:
+            raise ValueError(f"branch 'aux': {k} has no main counterpart {main_key}")
+        out[main_key] = v
+    return out
 
 
 def branch_distance(model: nn.Module) -> List[Dict[str, float]]:

@@ -309,3 +309,48 @@ def test_checkpoint_run_directory_evaluates_like_its_export(demo, export, tmp_pa
     assert evaluate(loaded, suite, data=data)["sets"] == evaluate(export, suite, data=data)["sets"]
     with pytest.raises(FileNotFoundError, match=r"nor a complete checkpoint or run directory"):
         load_model(str(tmp_path))
+
+
+def test_auxiliary_branch_from_a_checkpoint_equals_the_routed_model(demo, export, tmp_path, capsys):
+    """``--branch aux``: a checkpoint's auxiliary norms (their running statistics, eval mode) give what
+    the dual model routed to its auxiliary norms gives, through the CLI as in Python; an export has none."""
+    from accelerate import Accelerator
+
+    from fap.checkpoint import TrainState, save_checkpoint
+    from fap.cli import main
+    from fap.norm import AUX_NAME, route, select_branch
+
+    torch.manual_seed(1)
+    model = create_model("resnet18", num_classes=10, dual_norm=True)
+    model.net.load_state_dict(load_file(os.path.join(export, "model.safetensors")), strict=False)
+    with torch.no_grad():  # a second domain: other statistics and affine parameters in the aux norms
+        for name, t in model.net.state_dict().items():
+            if f"{AUX_NAME}." in name and t.is_floating_point():
+                t.mul_(1 + 0.3 * torch.rand_like(t)).add_(0.05 * torch.randn_like(t))
+    x = torch.rand(4, 3, SIZE, SIZE)
+    plain = create_model("resnet18", num_classes=10, dual_norm=False).eval()
+    plain.net.load_state_dict(select_branch(model.net.state_dict(), "aux"), strict=True)
+    with torch.no_grad(), route(model.eval(), "aux"):
+        torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+
+    accelerator = Accelerator(cpu=True)
+    prepared = accelerator.prepare(model)
+    data_cfg = {"source": "folder", "path": demo, "image_size": SIZE, "crop_pct": 0.875, "interpolation": "bilinear"}
+    marker = {"config": {"model": {"name": "resnet18", "kwargs": {}}, "data": data_cfg}, "num_classes": 10}
+    save_checkpoint(accelerator, tmp_path / "run", TrainState(step=3), marker)
+    suite = SuiteConfig(batch_size=20, num_workers=0, pgd_steps=1, pgd_epsilon=2.0, pgd_random_init_prob=1.0)
+    data = DataConfig(path=demo, image_size=SIZE)
+    from_checkpoint = evaluate(str(tmp_path / "run"), suite, data=data, branch="aux")
+    from_module = evaluate(prepared, suite, data=data, branch="aux")
+    main_branch = evaluate(str(tmp_path / "run"), suite, data=data)
+    assert from_checkpoint["sets"] == from_module["sets"] and from_checkpoint["branch"] == "aux"
+    assert from_checkpoint["sets"] != main_branch["sets"]
+    assert main(["eval", str(tmp_path / "run"), "--suite", "clean", "--data", demo, "--branch", "aux",
+                 "--batch-size", "20", "--num-workers", "0", "--out", str(tmp_path / "o")]) == 0
+    with open(tmp_path / "o" / "results.json") as f:
+        assert json.load(f)["sets"]["clean"]["top1"] == from_checkpoint["sets"]["clean"]["top1"]
+    assert "(auxiliary norms)" in capsys.readouterr().out
+    assert main(["eval", export, "--suite", "clean", "--data", demo, "--branch", "aux"]) == 1
+    assert "model.safetensors: branch 'aux': these weights have no auxiliary norms" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="branch='aux' needs a model with auxiliary norms"):
+        evaluate(plain, suite, data=data, branch="aux")

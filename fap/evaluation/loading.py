@@ -10,8 +10,9 @@
   beside it) names the architecture (``architecture`` or ``model_name``) and
   ``num_classes``.
 
-The weights go into `fap.models.create_model` with shared norms (evaluation uses the main
-norms only; exports have no auxiliary ones) and are loaded strictly, after a comparison of
+The weights go into `fap.models.create_model` with one set of norms, those of the chosen
+branch (`fap.norm.select_branch`: the main norms by default; a checkpoint's auxiliary
+norms with ``branch="aux"``, which exports do not have), and are loaded strictly, after a comparison of
 keys and shapes that turns "weights of another architecture" into an error naming the
 file, the keys and the shapes.
 """
@@ -49,6 +50,7 @@ class LoadedModel:
         image_size, crop_pct, interpolation: the eval preprocessing recorded with the
             weights, if any.
         source: where the weights came from.
+        branch: which norms the model carries: ``"main"``, or a checkpoint's ``"aux"``.
     """
     model: nn.Module
     name: str
@@ -58,16 +60,19 @@ class LoadedModel:
     crop_pct: Optional[float] = None
     interpolation: Optional[str] = None
     source: str = ""
+    branch: str = "main"
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-def load_model(path: str, *, model_name: Optional[str] = None, ema: bool = False) -> LoadedModel:
+def load_model(path: str, *, model_name: Optional[str] = None, ema: bool = False, branch: str = "main") -> LoadedModel:
     """Load an export directory, a checkpoint or run directory, or a ``.safetensors`` file.
 
     Args:
         path: see the module docstring.
         model_name: the timm architecture, overriding what the files record.
         ema: for a checkpoint, load its EMA weights.
+        branch: ``"main"`` norms, or ``"aux"``: a dual-norm checkpoint's auxiliary norms
+            in their place (`fap.norm.select_branch`); an export has none.
 
     Raises:
         FileNotFoundError: nothing at ``path``, or nothing fap can read there.
@@ -79,10 +84,10 @@ def load_model(path: str, *, model_name: Optional[str] = None, ema: bool = False
     if p.is_dir():
         if (p / EXPORT_CONFIG).is_file() and (p / EXPORT_WEIGHTS).is_file():
             return _load_export(p / EXPORT_WEIGHTS, _read_json(p / EXPORT_CONFIG), model_name=model_name,
-                                config_file=p / EXPORT_CONFIG)
-        return _load_checkpoint(p, model_name=model_name, ema=ema)
+                                config_file=p / EXPORT_CONFIG, branch=branch)
+        return _load_checkpoint(p, model_name=model_name, ema=ema, branch=branch)
     if p.suffix == ".safetensors":
-        return _load_safetensors_file(p, model_name=model_name)
+        return _load_safetensors_file(p, model_name=model_name, branch=branch)
     raise FileNotFoundError(
         f"{path}: not something fap eval reads; pass an export directory ({EXPORT_WEIGHTS} + {EXPORT_CONFIG}), "
         f"a checkpoint or run directory, or a .safetensors file"
@@ -115,7 +120,8 @@ def _read_json(path: Path) -> Dict[str, Any]:
         raise WeightsError(f"{path}: not valid JSON ({e})") from e
 
 
-def _load_export(weights: Path, config: Dict[str, Any], *, model_name: Optional[str], config_file: Path) -> LoadedModel:
+def _load_export(weights: Path, config: Dict[str, Any], *, model_name: Optional[str], config_file: Path,
+                 branch: str = "main") -> LoadedModel:
     from safetensors.torch import load_file
 
     name = model_name or config.get("architecture") or config.get("model_name")
@@ -128,7 +134,7 @@ def _load_export(weights: Path, config: Dict[str, Any], *, model_name: Optional[
     loaded = _build(
         name, int(config["num_classes"]), load_file(str(weights)), file=str(weights),
         recorded=(config.get("architecture") or config.get("model_name"), str(config_file)),
-        mean=pcfg.get("mean"), std=pcfg.get("std"), model_args=config.get("model_args") or {},
+        mean=pcfg.get("mean"), std=pcfg.get("std"), model_args=config.get("model_args") or {}, branch=branch,
     )
     loaded.classes = _label_names(config.get("label_names"), loaded.num_classes, where=str(config_file))
     loaded.image_size = int(size[-1]) if size else None
@@ -137,14 +143,14 @@ def _load_export(weights: Path, config: Dict[str, Any], *, model_name: Optional[
     return loaded
 
 
-def _load_safetensors_file(path: Path, *, model_name: Optional[str]) -> LoadedModel:
+def _load_safetensors_file(path: Path, *, model_name: Optional[str], branch: str = "main") -> LoadedModel:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
     sibling = path.parent / EXPORT_CONFIG
     if not (meta.get("architecture") or meta.get("model_name")) and sibling.is_file():
-        return _load_export(path, _read_json(sibling), model_name=model_name, config_file=sibling)
+        return _load_export(path, _read_json(sibling), model_name=model_name, config_file=sibling, branch=branch)
     config: Dict[str, Any] = {k: v for k, v in meta.items()}
     for key in ("label_names", "pretrained_cfg", "model_args"):
         if isinstance(config.get(key), str):
@@ -157,10 +163,10 @@ def _load_safetensors_file(path: Path, *, model_name: Optional[str]) -> LoadedMo
                            f"and there is no {EXPORT_CONFIG} beside it; pass model_name (--model-name)")
     if "num_classes" not in config:
         raise WeightsError(f"{path}: its metadata has no 'num_classes' and there is no {EXPORT_CONFIG} beside it")
-    return _load_export(path, config, model_name=model_name, config_file=path)
+    return _load_export(path, config, model_name=model_name, config_file=path, branch=branch)
 
 
-def _load_checkpoint(path: Path, *, model_name: Optional[str], ema: bool) -> LoadedModel:
+def _load_checkpoint(path: Path, *, model_name: Optional[str], ema: bool, branch: str = "main") -> LoadedModel:
     from fap.checkpoint import CheckpointError, load_checkpoint_weights, read_marker, resolve_resume
 
     try:
@@ -180,7 +186,7 @@ def _load_checkpoint(path: Path, *, model_name: Optional[str], ema: bool) -> Loa
     if model_cfg.get("img_size") is not None:
         kwargs["img_size"] = model_cfg["img_size"]
     loaded = _build(name, int(marker["num_classes"]), sd, file=str(ckpt), recorded=(model_cfg.get("name"), str(ckpt)),
-                    mean=model_cfg.get("mean"), std=model_cfg.get("std"), model_args=kwargs)
+                    mean=model_cfg.get("mean"), std=model_cfg.get("std"), model_args=kwargs, branch=branch)
     data = cfg.get("data") or {}
     loaded.classes = _label_names(marker.get("classes"), loaded.num_classes, where=str(ckpt)) or \
         _run_classes(data, loaded.num_classes)
@@ -227,17 +233,21 @@ def _build(
         mean: Optional[Sequence[float]],
         std: Optional[Sequence[float]],
         model_args: Dict[str, Any],
+        branch: str = "main",
 ) -> LoadedModel:
     from fap.models import create_model
-    from fap.norm import strip_aux
+    from fap.norm import select_branch
 
     model_args = {k: v for k, v in model_args.items() if k not in ("num_classes", "pretrained")}
     model = create_model(name, num_classes=num_classes, dual_norm=False, mean=mean, std=std, **model_args)
-    sd = strip_aux(_strip_prefixes(state_dict))
+    try:
+        sd = select_branch(_strip_prefixes(state_dict), branch)
+    except ValueError as e:
+        raise WeightsError(f"{file}: {e}") from e
     check_fits(model.net, sd, file=file, name=name, num_classes=num_classes, recorded=recorded)
     model.net.load_state_dict(sd, strict=True)
     model.eval()
-    return LoadedModel(model=model, name=name, num_classes=num_classes, source=file)
+    return LoadedModel(model=model, name=name, num_classes=num_classes, source=file, branch=branch)
 
 
 def _strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -62,7 +62,8 @@ def format_markdown(results: Dict) -> str:
     """The results as markdown: a headline row, then per-set details."""
     sets = results["sets"]
     model = results.get("model", {})
-    lines = [f"## fap eval: {model.get('name', 'model')}", ""]
+    branch = " (auxiliary norms)" if results.get("branch") == "aux" else ""
+    lines = [f"## fap eval: {model.get('name', 'model')}{branch}", ""]
     if model.get("source"):
         lines += [f"Weights: `{model['source']}`", ""]
     head, row = _headline(sets)
