@@ -68,6 +68,12 @@ def test_demo_recipe_smoke(tiny_folder, tmp_path):
     assert (out / "demo.png").is_file() and (out / "demo.png").stat().st_size > 1000
     result = json.loads((out / "demo.json").read_text())
     assert set(result) == {"vanilla", "fast_advprop"}
+    # the corruption column: a corrupted copy of the validation split, made once and scored for both runs
+    assert "corruption error, mean (%)" in proc.stdout
+    for summary in result.values():
+        errors = {k for k in summary["final_eval"] if k.endswith("/error")}
+        assert errors == {"eval/imagenet_c/gaussian_noise/error", "eval/imagenet_c/contrast/error"}
+        assert 0 <= summary["final_eval"]["eval/imagenet_c/mean_error"] <= 100
 
 
 def _recipe(name):
