@@ -72,6 +72,7 @@ This is a measurement, not a test: nothing here asserts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -200,6 +201,22 @@ def fixed_batches(args, data_cfg: DataConfig) -> List[Tuple[torch.Tensor, torch.
     return out
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence the process's stderr (file descriptor 2) for the duration: the profiler's C++
+    side prints a start/stop trace line and, on a machine without a GPU, "gpuGetDeviceCount
+    failed", none of which is a problem of the measurement. Python exceptions still propagate."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_memory_of_step(fn, device: str) -> float:
     """Peak tensor memory (MiB) while ``fn()`` runs: CUDA's allocator peak, or on CPU the
     torch profiler's memory timeline (parameters, gradients, optimizer state, activations)."""
@@ -212,7 +229,8 @@ def peak_memory_of_step(fn, device: str) -> float:
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                                          with_stack=True) as prof:
         fn()
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
     return max(sum(s) for s in sizes) / 2 ** 20 if sizes else float("nan")

@@ -43,3 +43,13 @@ def test_three_pass_floor_is_fast_advprops_passes_in_plain_pytorch():
     assert seen == [(16, False), (4, True), (4, False)]
     assert len(losses) == 3 and all(p.grad is not None for p in net.parameters())
     assert ThreePassFloor().cost(20).ratio == 1.2
+
+
+def test_cpu_memory_profile_prints_nothing_of_its_own():
+    """The CPU profiler's native start/stop lines and 'gpuGetDeviceCount failed' stay out of the output."""
+    code = ("import torch\nfrom fap.bench import peak_memory_of_step\n"
+            "print(peak_memory_of_step(lambda: torch.ones(256, 256) * 2, 'cpu'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) > 0
+    assert "gpuGetDeviceCount" not in proc.stderr and "profiler_st" not in proc.stderr, proc.stderr

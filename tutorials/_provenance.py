@@ -3,23 +3,40 @@
 The first cell of every notebook calls `stamp(<its own file name>)`. It prints the fap
 version, the git commit, the size the notebook ran at (``FAP_TUTORIAL_SIZE``: ``full``
 for the committed outputs, ``ci`` in the test suite) and a digest of the notebook's code
-cells as they were on disk when it ran. ``tests/test_tutorials.py`` recomputes the digest
-from the committed notebook: a code cell edited without re-running the notebook fails it.
+cells as they were on disk when it ran, and a digest of the fap package's source
+(``library_digest``). ``tests/test_tutorials.py`` recomputes both: a code cell edited
+without re-running the notebook fails it, and a library changed since the outputs were
+made is reported.
 """
 import hashlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import fap
 
+HERE = Path(__file__).resolve().parent
+
 SIZES = ("full", "ci")
 
 
 def code_digest(notebook: dict) -> str:
+    """Digest of the notebook's code cells and of the helper modules beside it that they import."""
     code = "\n\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    for name in sorted(set(re.findall(r"^\s*(?:from|import)\s+(_\w+)", code, flags=re.M)) - {"_provenance"}):
+        code += "\n\n" + (HERE / f"{name}.py").read_text()
     return hashlib.sha256(code.encode()).hexdigest()[:16]
+
+
+def library_digest() -> str:
+    """Digest of every ``.py`` file of the installed fap package (path and content)."""
+    root = Path(fap.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def size() -> str:
@@ -34,6 +51,6 @@ def stamp(notebook_file: str) -> str:
     digest = code_digest(json.loads(path.read_text()))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=path.resolve().parent).stdout.strip() or "unknown"
-    line = f"fap {fap.__version__} | commit {commit} | size {size()} | code {digest}"
+    line = f"fap {fap.__version__} | commit {commit} | size {size()} | code {digest} | library {library_digest()}"
     print(line)
     return line
