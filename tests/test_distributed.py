@@ -161,3 +161,24 @@ def test_deepspeed_config_contradicting_the_launch_is_an_error(case, tiny_folder
                            deepspeed_config=ds, mixed_precision=mp), check=False)
     assert proc.returncode != 0
     assert words in proc.stderr and str(ds) in proc.stderr, proc.stderr[-3000:]
+
+
+MIXED = {"method.norms": "mixed", "model.dual_norm": "false", "method.shuffle": "false"}
+
+
+@pytest.fixture(scope="module")
+def mixed_reference(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixed_reference") / "run"
+    run(_module_cmd(tiny_vit_overrides(tiny_folder, out, **STEPS, **MIXED, **{"train.accum_steps": 2})))
+    return load_export(out)
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_mixed_norms_two_processes_match_one(backend, mixed_reference, tiny_folder, tmp_path):
+    """norms='mixed' ends the step with one forward of [clean; adversarial] and the reducing
+    backward: still one reduction per update, equal to one process (fp32)."""
+    out = tmp_path / "run"
+    ds = None if backend == "ddp" else _ds_json(tmp_path, 2, False)
+    run(_module_cmd(tiny_vit_overrides(tiny_folder, out, **STEPS, **MIXED), processes=2, deepspeed_config=ds))
+    rel = _rel_error(load_export(out), mixed_reference, _initial_weights())
+    assert rel < 1e-4, rel

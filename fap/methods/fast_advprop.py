@@ -238,7 +238,10 @@ class FastAdvProp(Method):
                 x_cur = random_start(x_a, c.epsilon, random_init_prob=c.random_init_prob, per=c.random_init_per)
                 first = True
                 if c.fused:
-                    x_cur = self._fused_pass(model, x_c, t_c, x_a, x_cur, y_a, backward, k, step, metrics)
+                    x_n = x_cur.requires_grad_(True)
+                    metrics.update(self._joint_pass(model, x_c, t_c, x_n, y_a, "noisy", backward, k,
+                                                    split_route(model, x_c.shape[0])))
+                    x_cur = sign_step(x_a, x_n, x_n.grad, epsilon=c.epsilon, step=step)
                     first = False
                 elif c.norms != "mixed":
                     with route(model, "main"):
@@ -253,7 +256,8 @@ class FastAdvProp(Method):
             metrics["perturbation_linf"] = (x_cur - x_a.float()).abs().amax() * 255.0
             x_adv, y_adv = self._shuffle(model, x_cur, y_a) if c.shuffle else (x_cur, y_a)
             if c.norms == "mixed":
-                self._mixed_pass(model, x_c, t_c, x_adv, y_adv, backward, k, metrics)
+                metrics.update(self._joint_pass(model, x_c, t_c, x_adv, y_adv, "adversarial", backward, k,
+                                                contextlib.nullcontext()))
             else:
                 with route(model, "aux"):
                     logits_a = model(x_adv)
@@ -265,30 +269,19 @@ class FastAdvProp(Method):
         metrics.update(self.cost(b).as_metrics())
         return metrics
 
-    def _fused_pass(self, model, x_c, t_c, x_a, x_cur, y_a, backward, k, step, metrics):
-        """Clean and first noisy pass as one split-routed forward/backward; the next point."""
+    def _joint_pass(self, model, x_c, t_c, x_other, y_other, other, backward, k, routing):
+        """One forward/backward of ``[clean part; other rows]`` under ``routing``, loss weights
+        1 and β: the fused clean + noisy pass (split routing) or, under ``norms="mixed"``, the
+        clean + adversarial pass through one set of norms (one batch)."""
         c = self.config
         b_c = x_c.shape[0]
-        x_n = x_cur.requires_grad_(True)
-        with split_route(model, b_c):
-            logits = model(torch.cat([x_c, x_n]))
+        with routing:
+            logits = model(torch.cat([x_c, x_other]))
         loss_c = ce_sum(logits[:b_c], t_c, c.label_smoothing)
-        loss_n = ce_sum(logits[b_c:], y_a)
-        backward(k * (loss_c + c.beta * loss_n))
-        metrics.update(branch_metrics("clean", loss_c, logits[:b_c], t_c))
-        metrics.update(branch_metrics("noisy", loss_n, logits[b_c:], y_a))
-        return sign_step(x_a, x_n, x_n.grad, epsilon=c.epsilon, step=step)
-
-    def _mixed_pass(self, model, x_c, t_c, x_adv, y_adv, backward, k, metrics):
-        """``norms="mixed"``: clean and adversarial rows normalised in one batch, one backward."""
-        c = self.config
-        b_c = x_c.shape[0]
-        logits = model(torch.cat([x_c, x_adv]))
-        loss_c = ce_sum(logits[:b_c], t_c, c.label_smoothing)
-        loss_a = ce_sum(logits[b_c:], y_adv)
-        backward(k * (loss_c + c.beta * loss_a))
-        metrics.update(branch_metrics("clean", loss_c, logits[:b_c], t_c))
-        metrics.update(branch_metrics("adversarial", loss_a, logits[b_c:], y_adv))
+        loss_o = ce_sum(logits[b_c:], y_other)
+        backward(k * (loss_c + c.beta * loss_o))
+        return {**branch_metrics("clean", loss_c, logits[:b_c], t_c),
+                **branch_metrics(other, loss_o, logits[b_c:], y_other)}
 
     def _noisy_pass(self, model, attack_model, x_a, x_cur, y_a, backward, k, step, metrics):
         """Forward the current point through the aux norms (train mode); return the next point."""
