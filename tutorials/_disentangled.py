@@ -56,8 +56,8 @@ class Size:
 
 
 SIZES = {
-    "full": Size(train_images=7680, val_images=None, corrupted_per_class=20, seeds=(0, 1, 2), epochs=12,
-                 robust_images=500, workers=2, reference_epochs=30),
+    "full": Size(train_images=3840, val_images=None, corrupted_per_class=20, seeds=(0, 1, 2), epochs=12,
+                 robust_images=1000, workers=2, reference_epochs=30),
     "ci": Size(train_images=160, val_images=100, corrupted_per_class=1, seeds=(0,), epochs=6,
                robust_images=20, workers=1, reference_epochs=8, max_steps=2),
 }
