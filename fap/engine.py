@@ -620,9 +620,14 @@ def _warn_oversubscribed(accelerator, num_workers: int) -> None:
 
 
 def _loader_batches(accelerator, loader, prepared: bool, epoch: int, skip: int):
-    """This epoch's batches, the first ``skip`` left out (mid-epoch resume)."""
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
+    """This epoch's batches, the first ``skip`` left out (mid-epoch resume).
+
+    The epoch fixes the order and each sample's augmentation (``fap.data.seeding``), so the
+    batches after the skipped ones are those the interrupted run would have seen.
+    """
+    from fap.data import set_epoch
+
+    set_epoch(loader, epoch)
     if skip <= 0:
         return loader
     if prepared:

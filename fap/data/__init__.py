@@ -9,7 +9,7 @@ FFCV and HF ``datasets`` are imported only when a source needs them.
 from fap.data.base import DataError, to_unit_float
 from fap.data.config import SOURCES, DataConfig
 from fap.data.demo import make_demo
-from fap.data.loader import build_dataset, build_loader, class_names, num_classes
+from fap.data.loader import build_dataset, build_loader, class_names, num_classes, set_epoch
 
 __all__ = [
     "SOURCES",
@@ -20,5 +20,6 @@ __all__ = [
     "class_names",
     "make_demo",
     "num_classes",
+    "set_epoch",
     "to_unit_float",
 ]

@@ -19,6 +19,14 @@ process group: shuffled with ``seed + epoch`` for training, in file order for ev
 padded by repetition to a multiple of ``num_processes`` exactly as ``DistributedSampler``
 pads, so every process gets the same number of batches. Resuming: :meth:`FFCVLoader.set_epoch`.
 
+Augmentation. FFCV's random crop and flip draw from numba's generator, which numba seeds
+from the operating system, so no two runs see the same crops. fap's training pipeline uses
+the same crop and flip, seeded per sample from ``(seed, epoch, sample index)`` (see
+:func:`_seeded_ops_classes` and :mod:`fap.data.seeding`): a run is reproducible, whatever
+the number of FFCV threads, and a mid-epoch resume sees the very images the interrupted run
+would have. The pipeline is recompiled once per epoch for that (the epoch is a constant of
+the compiled code).
+
 FFCV is optional and imported only when used; it needs system libraries to build.
 """
 from __future__ import annotations
@@ -354,6 +362,92 @@ def _sharded_order_class():
     return ShardedOrder
 
 
+def _sample_seed(key, index):
+    """A 32-bit seed for one sample: splitmix64 of ``(key, index)`` (compiled by numba in the pipeline)."""
+    z = (np.uint64(key) << np.uint64(32)) ^ np.uint64(index)
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.uint32(z & np.uint64(0xFFFFFFFF))
+
+
+def _seeded_ops_classes():
+    """FFCV's RandomResizedCrop decoder and horizontal flip, seeded per sample.
+
+    FFCV's own (``RandomResizedCropRGBImageDecoder``, ``RandomHorizontalFlip``) draw from
+    numba's per-thread generator, which numba seeds from the operating system: a run's crops
+    cannot be reproduced, not even by the same run again. These two draw exactly what FFCV's
+    do (the crop is FFCV's ``get_random_crop``), but first seed numba's generator, in the
+    thread that handles the sample, from ``(key, sample index)``; ``key`` comes from
+    ``(seed, epoch)`` (:func:`fap.data.seeding.epoch_key`). A compiled pipeline holds its key as
+    a constant, so :class:`FFCVLoader` recompiles it when the epoch changes (FFCV's
+    ``recompile`` does the same every epoch).
+    """
+    from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.transforms import RandomHorizontalFlip
+
+    class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
+        """``RandomResizedCropRGBImageDecoder`` whose crop of sample ``i`` depends on ``(key, i)`` only."""
+
+        key = 0
+
+        def generate_code(self):
+            # ffcv/fields/rgb_image.py: ResizedCropRGBImageDecoder.generate_code, plus the seeding
+            jpg, key = IMAGE_MODES["jpg"], np.uint32(self.key)
+            mem_read, my_range = self.memory_read, Compiler.get_iterator()
+            imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+            get_crop_c, seed_c = Compiler.compile(get_random_crop), Compiler.compile(_sample_seed)
+            scale, ratio = np.array(self.scale), np.array(self.ratio)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                for dst_ix in my_range(len(batch_indices)):
+                    source_ix = batch_indices[dst_ix]
+                    field = metadata[source_ix]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    else:
+                        temp_buffer = image_data.reshape(height, width, 3)
+                    np.random.seed(seed_c(key, source_ix))
+                    i, j, h, w = get_crop_c(height, width, scale, ratio)
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                return destination[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    class SeededHorizontalFlip(RandomHorizontalFlip):
+        """``RandomHorizontalFlip`` whose coin for sample ``i`` depends on ``(key, i)`` only."""
+
+        key = 0
+
+        def generate_code(self):
+            my_range, seed_c = Compiler.get_iterator(), Compiler.compile(_sample_seed)
+            flip_prob, key = self.flip_prob, np.uint32(self.key)
+
+            def flip(images, dst, indices):
+                for i in my_range(images.shape[0]):
+                    np.random.seed(seed_c(key, indices[i]))
+                    if np.random.random() < flip_prob:
+                        dst[i] = images[i, :, ::-1]
+                    else:
+                        dst[i] = images[i]
+                return dst
+
+            flip.is_parallel = True
+            flip.with_indices = True
+            return flip
+
+    return SeededRandomResizedCrop, SeededHorizontalFlip
+
+
 class FFCVLoader:
     """An FFCV ``Loader`` for one split and one process, yielding ``(uint8 images, int64 labels)``.
 
@@ -365,12 +459,14 @@ class FFCVLoader:
         path: the ``.beton`` file.
         batch_size: per-process batch size.
         train: random-resized-crop + flip and shuffling if True; centre crop, file order if False.
+            The crop and flip of sample ``i`` in epoch ``e`` depend on ``(seed, e, i)`` only.
         image_size: output side.
         crop_pct: eval crop = ``crop_pct`` of the shorter side, centred, resized to ``image_size``.
         scale: RandomResizedCrop area range.
         hflip: flip probability.
         num_workers: FFCV decoding threads (at least 1).
-        seed: order seed; the order of epoch ``e`` depends only on ``(seed, e)``.
+        seed: the order of epoch ``e`` depends only on ``(seed, e)``, the augmentation of its sample
+            ``i`` only on ``(seed, e, i)``.
         num_processes: number of shards (data-parallel processes).
         process_index: this process's shard.
         drop_last: drop the last incomplete batch (default: ``train``).
@@ -409,30 +505,36 @@ class FFCVLoader:
         self.num_samples = int(reader.num_samples)
         self.num_processes = num_processes
         self.process_index = process_index
+        self.seed = seed
         order = _sharded_order_class()(num_replicas=num_processes, rank=process_index, shuffle=train, seed=seed)
-        self._loader = Loader(
+        self._random_ops: list = []  # the seeded crop and flip, whose keys follow the epoch
+        pipelines = self._pipelines(reader, train=train, image_size=image_size, crop_pct=crop_pct,
+                                    scale=tuple(scale), hflip=hflip)
+        self._code_epoch = 0
+        self._set_keys(0)
+        self._loader = Loader(  # compiles the pipelines, for epoch 0
             path,
             batch_size=batch_size,
             num_workers=max(1, num_workers),
             order=order,
             seed=seed,
-            pipelines=self._pipelines(reader, train=train, image_size=image_size, crop_pct=crop_pct,
-                                      scale=tuple(scale), hflip=hflip),
+            pipelines=pipelines,
             drop_last=train if drop_last is None else drop_last,
         )
 
-    @staticmethod
-    def _pipelines(reader, *, train: bool, image_size: int, crop_pct: float, scale: Tuple[float, float],
+    def _pipelines(self, reader, *, train: bool, image_size: int, crop_pct: float, scale: Tuple[float, float],
                    hflip: float) -> Dict[str, Optional[list]]:
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
         size = (image_size, image_size)
         if train:
-            image = [RandomResizedCropRGBImageDecoder(size, scale=scale, ratio=(3 / 4, 4 / 3))]
+            crop_op, flip_op = _seeded_ops_classes()
+            image = [crop_op(size, scale=scale, ratio=(3 / 4, 4 / 3))]
             if hflip > 0:
-                image.append(RandomHorizontalFlip(flip_prob=hflip))
+                image.append(flip_op(flip_prob=hflip))
+            self._random_ops = list(image)
         else:
             image = [CenterCropRGBImageDecoder(size, ratio=crop_pct)]
         pipelines: Dict[str, Optional[list]] = {name: None for name in reader.handlers}  # other fields: off
@@ -443,8 +545,22 @@ class FFCVLoader:
     # -- the loader interface the engine uses -------------------------------------------
 
     def __iter__(self):
+        self._compile_for(self._loader.next_epoch)
         for images, labels in self._loader:
             yield images, labels
+
+    def _set_keys(self, epoch: int) -> None:
+        from fap.data.seeding import epoch_key
+
+        for salt, op in enumerate(self._random_ops):
+            op.key = epoch_key(self.seed, epoch, salt)
+
+    def _compile_for(self, epoch: int) -> None:
+        """Recompile the pipelines with epoch ``epoch``'s augmentation keys, if they hold another's."""
+        if self._random_ops and epoch != self._code_epoch:
+            self._set_keys(epoch)
+            self._loader.generate_code()
+            self._code_epoch = epoch
 
     def __len__(self) -> int:
         return len(self._loader)

@@ -20,6 +20,7 @@ import torch
 from torchvision.datasets import DatasetFolder
 
 from fap.data.base import IMAGE_EXTENSIONS, SKIP_HINT, DataError, SkipCounter, decode_rgb
+from fap.data.seeding import SampleSeeds
 
 __all__ = ["FolderDataset", "SplitListing", "check_same_classes", "find_classes", "scan_split", "split_dir"]
 
@@ -128,6 +129,9 @@ class FolderDataset(DatasetFolder):
         transform: PIL image -> ``uint8`` tensor (see :func:`fap.data.transforms.build_transform`).
         skip_corrupt: skip (log and count) non-image files and undecodable images instead of raising.
         classes: the class list to index by (the training split's); the split must have exactly these.
+        sample_seeds: seed the transform of each sample from ``(seed, epoch, index)``
+            (:class:`~fap.data.seeding.SampleSeeds`; training), so that its random crop and flip
+            do not depend on the worker count or on where a resumed epoch starts.
     """
 
     def __init__(
@@ -137,8 +141,10 @@ class FolderDataset(DatasetFolder):
             transform: Optional[Callable] = None,
             skip_corrupt: bool = False,
             classes: Optional[Sequence[str]] = None,
+            sample_seeds: Optional[SampleSeeds] = None,
     ):
         self.skip_corrupt = skip_corrupt
+        self.sample_seeds = sample_seeds
         self.reference_classes = list(classes) if classes is not None else None
         self.skipped_files: List[str] = []
         super().__init__(root, loader=decode_rgb, extensions=IMAGE_EXTENSIONS, transform=transform)
@@ -151,6 +157,11 @@ class FolderDataset(DatasetFolder):
     def num_skipped(self) -> int:
         """Files skipped so far: at listing, plus images that failed to decode in any worker."""
         return self.skips.value
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augment as in ``epoch`` (with ``sample_seeds``; otherwise nothing to do)."""
+        if self.sample_seeds is not None:
+            self.sample_seeds.set_epoch(epoch)
 
     def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
         classes, class_to_idx = find_classes(directory)
@@ -189,9 +200,17 @@ class FolderDataset(DatasetFolder):
             _logger.warning("skipped unreadable image %s (skip_corrupt=True; %d skipped so far)",
                             path, self.num_skipped)
             return None
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, target
+        return apply_transform(self.transform, image, index, self.sample_seeds), target
+
+
+def apply_transform(transform: Optional[Callable], image, index: int, sample_seeds: Optional[SampleSeeds]):
+    """``transform(image)``, with the generators seeded for sample ``index`` if ``sample_seeds`` is given."""
+    if transform is None:
+        return image
+    if sample_seeds is None:
+        return transform(image)
+    with sample_seeds.scope(index):
+        return transform(image)
 
 
 def _head(items: Sequence[str], n: int = 5) -> str:

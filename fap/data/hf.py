@@ -32,7 +32,8 @@ import torch
 from datasets.data_files import SPLIT_KEYWORDS, get_data_patterns
 
 from fap.data.base import DataError, SkipCounter, decode_rgb
-from fap.data.folder import FolderDataset, split_dir
+from fap.data.folder import FolderDataset, apply_transform, split_dir
+from fap.data.seeding import SampleSeeds
 
 __all__ = ["HFImageDataset", "detect_layout", "load_split", "split_classes"]
 
@@ -189,11 +190,15 @@ class HFImageDataset(torch.utils.data.Dataset):
         skip_corrupt: skip, log and count undecodable images instead of raising.
         where: how to name the split in messages, e.g. ``"/data/in1k [train]"``.
         skipped_at_listing: files already skipped while listing (image folders).
+        sample_seeds: seed each sample's transform from ``(seed, epoch, row)`` (training);
+            see :class:`~fap.data.seeding.SampleSeeds`.
     """
 
     def __init__(self, data: datasets.Dataset, *, transform: Optional[Callable], classes: Sequence[str],
-                 skip_corrupt: bool = False, where: str = "", skipped_at_listing: int = 0):
+                 skip_corrupt: bool = False, where: str = "", skipped_at_listing: int = 0,
+                 sample_seeds: Optional[SampleSeeds] = None):
         self.data = data
+        self.sample_seeds = sample_seeds
         self.transform = transform
         self.classes = list(classes)
         self.skip_corrupt = skip_corrupt
@@ -204,6 +209,11 @@ class HFImageDataset(torch.utils.data.Dataset):
     def num_skipped(self) -> int:
         """Images skipped so far (listing plus decoding in any worker)."""
         return self.skips.value
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augment as in ``epoch`` (with ``sample_seeds``; otherwise nothing to do)."""
+        if self.sample_seeds is not None:
+            self.sample_seeds.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -235,6 +245,4 @@ class HFImageDataset(torch.utils.data.Dataset):
             _logger.warning("skipped unreadable image %s (skip_corrupt=True; %d skipped so far)",
                             name, self.num_skipped)
             return None
-        if self.transform is not None:
-            pil = self.transform(pil)
-        return pil, int(label)
+        return apply_transform(self.transform, pil, index, self.sample_seeds), int(label)

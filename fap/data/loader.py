@@ -2,9 +2,11 @@
 
 Folder, HF and demo data come back as a plain ``torch.utils.data.DataLoader`` over the
 whole split: the engine hands it to ``accelerator.prepare``, which shards it across
-processes and sets its epoch. FFCV data comes back as an :class:`~fap.data.ffcv.FFCVLoader`
-that is already sharded (Accelerate leaves non-torch loaders alone) and has
-``set_epoch``. All of them yield ``(uint8 images (B, 3, H, W), int64 labels (B,))``.
+processes. FFCV data comes back as an :class:`~fap.data.ffcv.FFCVLoader` that is already
+sharded (Accelerate leaves non-torch loaders alone). All of them yield
+``(uint8 images (B, 3, H, W), int64 labels (B,))``; :func:`set_epoch` selects the epoch
+whose order and training augmentation the next iteration produces, both fixed by
+``(seed, epoch)`` and, for the augmentation, each sample's index (:mod:`fap.data.seeding`).
 
 Every split is checked against the training split when it is built: same classes, labels
 in range. Folder-based splits are listed eagerly (missing paths, non-image files, empty
@@ -21,9 +23,10 @@ from torch.utils.data import DataLoader
 
 from fap.data.base import DataError, collate_uint8
 from fap.data.config import DataConfig
+from fap.data.seeding import SampleSeeds
 from fap.data.transforms import build_transform
 
-__all__ = ["build_dataset", "build_loader", "class_names", "num_classes"]
+__all__ = ["build_dataset", "build_loader", "class_names", "num_classes", "set_epoch"]
 
 _logger = logging.getLogger(__name__)
 
@@ -47,7 +50,9 @@ def build_loader(
             ``cfg.val_split``.
         batch_size: images per batch (per process).
         train: training augmentation and shuffling if True; eval crop and file order if False.
-        seed: shuffling seed (and, for FFCV, the per-epoch order seed).
+        seed: the run's seed: the shuffling order of epoch ``e`` depends on ``(seed, e)`` only, and
+            when ``train`` the augmentation of sample ``i`` in epoch ``e`` on ``(seed, e, i)`` only
+            (see :mod:`fap.data.seeding`), so a mid-epoch resume sees the very same images.
         num_processes: data-parallel processes; used by FFCV only (Accelerate shards the others).
         process_index: this process's index; used by FFCV only.
         drop_last: drop the last incomplete batch (default: ``train``).
@@ -61,7 +66,7 @@ def build_loader(
     if cfg.source == "ffcv":
         return _build_ffcv_loader(cfg, split, batch_size=batch_size, train=train, seed=seed,
                                   num_processes=num_processes, process_index=process_index, drop_last=drop_last)
-    dataset = build_dataset(cfg, split, train=train)
+    dataset = build_dataset(cfg, split, train=train, seed=seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -75,24 +80,40 @@ def build_loader(
     )
 
 
-def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> torch.utils.data.Dataset:
+def set_epoch(loader, epoch: int) -> None:
+    """Make the next iteration of ``loader`` produce epoch ``epoch``: its order and its augmentation.
+
+    ``loader`` is one from :func:`build_loader`, possibly prepared by Accelerate (whose
+    ``set_epoch`` reaches the sampler but not the dataset once the sampler has one).
+    """
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+
+
+def build_dataset(cfg: DataConfig, split: str, *, train: bool, seed: int = 0) -> torch.utils.data.Dataset:
     """The map-style dataset behind :func:`build_loader` for folder, hf and demo sources.
 
     It yields ``(uint8 image, label)`` or ``None`` for a skipped image, and exposes
-    ``classes`` and ``num_skipped``.
+    ``classes``, ``num_skipped`` and ``set_epoch``. With ``train``, each sample's random
+    augmentation is seeded from ``(seed, epoch, index)`` (:class:`~fap.data.seeding.SampleSeeds`);
+    call ``dataset.set_epoch(epoch)`` before iterating an epoch.
     """
     cfg.validate()
     root = _root(cfg)
     name = cfg.split_name(split)
     transform = build_transform(cfg, train=train)
+    sample_seeds = SampleSeeds(seed) if train else None
     if cfg.source in ("folder", "demo"):
         from fap.data.folder import FolderDataset, split_dir
 
         reference = _folder_classes(root, cfg.train_split) if name != cfg.train_split else None
         return FolderDataset(split_dir(root, name), transform=transform, skip_corrupt=cfg.skip_corrupt,
-                             classes=reference)
+                             classes=reference, sample_seeds=sample_seeds)
     if cfg.source == "hf":
-        return _hf_dataset(cfg, root, name, transform=transform)
+        return _hf_dataset(cfg, root, name, transform=transform, sample_seeds=sample_seeds)
     raise ValueError(f"data.source={cfg.source!r} has no torch dataset; use build_loader")
 
 
@@ -140,7 +161,7 @@ def _folder_classes(root: str, train_split: str) -> List[str]:
     return classes
 
 
-def _hf_dataset(cfg: DataConfig, root: str, name: str, *, transform) -> torch.utils.data.Dataset:
+def _hf_dataset(cfg: DataConfig, root: str, name: str, *, transform, sample_seeds) -> torch.utils.data.Dataset:
     from fap.data import hf
 
     where = f"{root} [{name}]"
@@ -159,7 +180,7 @@ def _hf_dataset(cfg: DataConfig, root: str, name: str, *, transform) -> torch.ut
         classes = reference  # plain integer labels: checked against the training split's range below
     hf.check_labels(data, len(classes), where=where)
     return hf.HFImageDataset(data, transform=transform, classes=classes, skip_corrupt=cfg.skip_corrupt,
-                             where=where, skipped_at_listing=skipped)
+                             where=where, skipped_at_listing=skipped, sample_seeds=sample_seeds)
 
 
 def _build_ffcv_loader(cfg: DataConfig, split: str, **kwargs):
