@@ -47,9 +47,11 @@ def make_image_folder(root: os.PathLike, *, classes: int = 4, train_per_class: i
 def tiny_vit_overrides(data_path: os.PathLike, out_dir: os.PathLike, **extra: object) -> List[str]:
     """Overrides for a 2-block ViT-Tiny on 32x32 images with Fast AdvProp, exact-comparison settings.
 
-    The training crops are made deterministic (scale 1, no flip) so that which process
-    decodes an image does not change it; the random start is off (random_init_prob=0) so
-    that a run's result does not depend on how random draws are spread over processes.
+    The training pipeline is fap's default (RandomResizedCrop 0.08-1 and flip): each
+    sample's augmentation depends on (seed, epoch, index) only, not on which process or
+    worker decodes it (fap.data.seeding), so runs compare exactly with it on. The random
+    start is off (random_init_prob=0) so that a run's result does not depend on how the
+    method's random draws are spread over processes.
     """
     args = {
         "train.name": "tiny",
@@ -59,8 +61,6 @@ def tiny_vit_overrides(data_path: os.PathLike, out_dir: os.PathLike, **extra: ob
         "data.source": "folder",
         "data.path": str(data_path),
         "data.image_size": 32,
-        "data.scale": "1.0,1.0",
-        "data.hflip": 0.0,
         "data.num_workers": 0,
         "data.crop_pct": 1.0,
         "model.name": "vit_tiny_patch16_224",

@@ -1,0 +1,92 @@
+"""Resume is bitwise exact from every checkpoint, mid-epoch ones included, with the default
+data pipeline (RandomResizedCrop + flip on).
+
+Each training sample's augmentation depends on ``(seed, epoch, index)`` only (``fap.data.seeding``)
+and the method's random streams (random start, Shuffling BN's permutation, Mixup/CutMix,
+drop-path) are saved with every checkpoint (``fap.engine.MethodRNG``), so a run resumed from
+any checkpoint ends with the very weights of the uninterrupted run.
+
+The default case trains a small BatchNorm ResNet with Fast AdvProp (random start, Shuffling
+BN over ghost groups), Mixup/CutMix and RandAugment, with one loader worker: 3 epochs of 2
+updates, a checkpoint after every update, and resumes from each of them. The slow matrix
+repeats one mid-epoch resume for the other sources and worker counts.
+"""
+import sys
+
+import pytest
+import torch
+
+from fap.checkpoint import list_checkpoints
+from helpers_engine import load_export, read_log, run, tiny_vit_overrides
+
+PY = sys.executable
+
+# 48 training images / batch 20 = 2 updates per epoch; a checkpoint after every update:
+# steps 1, 3, 5 are mid-epoch, 2 and 4 at an epoch's end, 6 the run's end (nothing to resume).
+EVERY = {"train.epochs": 3, "checkpoint.every_steps": 1, "checkpoint.keep": 0, "checkpoint.every_epochs": 0,
+         "log.every_steps": 1}
+RESNET_BN = {"model.name": "resnet18", "model.img_size": "None", "model.aux_group_size": 4,
+             "model.kwargs": '{"channels": [8, 16, 32, 64]}'}
+RANDOM = {"method.random_init_prob": 1.0, "mixup.mixup_alpha": 0.8, "mixup.cutmix_alpha": 1.0,
+          "data.auto_augment": "rand-m9-mstd0.5-inc1", "data.num_workers": 1}
+
+
+def _train(data, out, **overrides):
+    return run([PY, "-m", "fap.engine", *tiny_vit_overrides(data, out, **overrides)])
+
+
+def _same_export(a, b):
+    ea, eb = load_export(a), load_export(b)
+    return ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss_clean"] for r in read_log(run_dir) if r["type"] == "train"}
+
+
+def test_resume_from_every_checkpoint_is_bitwise_identical(tiny_folder, tmp_path):
+    settings = {**EVERY, **RESNET_BN, **RANDOM}
+    straight = tmp_path / "straight"
+    _train(tiny_folder, straight, **settings)
+    checkpoints = list_checkpoints(straight)
+    assert [p.name for p in checkpoints] == [f"step_{s:08d}" for s in range(1, 7)]
+    differs = []
+    for ckpt in checkpoints[:-1]:
+        resumed = tmp_path / f"from_{ckpt.name}"
+        proc = _train(tiny_folder, resumed, **settings, **{"checkpoint.resume": str(ckpt)})
+        assert f"resumed from {ckpt}" in proc.stdout
+        step = int(ckpt.name.split("_")[1])
+        after = {s: v for s, v in _losses(straight).items() if s > step}
+        assert _losses(resumed) == after, f"{ckpt.name}: the losses after the resume differ (other images?)"
+        if not _same_export(straight, resumed):
+            differs.append(ckpt.name)
+    assert not differs, f"resumed from {differs}: the final weights differ from the uninterrupted run"
+
+
+# One mid-epoch resume (step 3 of 6) per source and worker count; the default case above is
+# folder + 1 worker. FFCV recompiles its pipeline once per epoch (the epoch is a constant of
+# its seeded crop and flip), which makes those runs the slowest.
+MATRIX = [
+    pytest.param({"method": "vanilla", "data.num_workers": 0}, id="folder-w0-vanilla"),
+    pytest.param({"data.num_workers": 2, "method.random_init_prob": 1.0}, id="folder-w2"),
+    pytest.param({"data.source": "hf", "data.num_workers": 1, "method.random_init_prob": 1.0}, id="hf-w1"),
+    pytest.param({"data.source": "ffcv", "data.num_workers": 2, "method.random_init_prob": 1.0}, id="ffcv-w2"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MATRIX)
+def test_mid_epoch_resume_for_each_source_and_worker_count(tiny_folder, tmp_path, case, data_hf_offline):
+    data = tiny_folder
+    if case.get("data.source") == "ffcv":
+        pytest.importorskip("ffcv")
+        from fap.data.ffcv import convert_to_betons
+
+        data = tmp_path / "betons"
+        convert_to_betons(str(tiny_folder), str(data), num_workers=1)
+    settings = {**EVERY, "checkpoint.every_steps": 3, **case}
+    straight = tmp_path / "straight"
+    _train(data, straight, **settings)
+    ckpt = straight / "checkpoints" / "step_00000003"  # epoch 1, after its first update
+    _train(data, tmp_path / "resumed", **settings, **{"checkpoint.resume": str(ckpt)})
+    assert _same_export(straight, tmp_path / "resumed")
