@@ -208,3 +208,27 @@ def test_ffcv_is_imported_lazily_and_its_absence_explained(data_demo, monkeypatc
         build_loader(cfg, "train", batch_size=4, train=True)
     assert "apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev" in str(info.value)
     assert "pip install 'fap[ffcv]'" in str(info.value)
+
+
+def test_training_crops_and_flips_are_seeded_per_sample(data_indexed_beton):
+    """FFCV's own crop and flip draw from numba's OS-seeded generator; fap's are seeded from
+    (seed, epoch, index): the same images with 1 or 2 threads, after set_epoch (a resume), and
+    across processes' shards; other images in another epoch."""
+    def images(loader, epoch):
+        loader.set_epoch(epoch)
+        out = {}
+        for x, _ in loader:
+            for i, img in zip(loader.indices(epoch)[len(out):], x):
+                out[int(i)] = img.clone()
+        return out
+
+    kwargs = dict(batch_size=8, train=True, image_size=16, seed=11, scale=(0.08, 1.0), hflip=0.5)
+    one = FFCVLoader(data_indexed_beton, num_workers=1, **kwargs)
+    epochs = [images(one, 0), images(one, 1)]
+    two = FFCVLoader(data_indexed_beton, num_workers=2, **kwargs)
+    again = images(two, 1)  # a fresh loader started at epoch 1, as a resume does
+    assert again.keys() == epochs[1].keys() and all(torch.equal(again[i], epochs[1][i]) for i in again)
+    shard = images(FFCVLoader(data_indexed_beton, num_workers=1, num_processes=2, process_index=1, **kwargs), 1)
+    assert shard and all(torch.equal(shard[i], epochs[1][i]) for i in shard if i in epochs[1])
+    common = epochs[0].keys() & epochs[1].keys()
+    assert sum(torch.equal(epochs[0][i], epochs[1][i]) for i in common) < len(common) // 2

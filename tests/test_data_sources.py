@@ -1,6 +1,7 @@
 """The same images through folder, HF `datasets` and FFCV: same labels, same pixels (within JPEG error)."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -200,3 +201,44 @@ def test_config_rejects_auto_augment_for_ffcv_and_empty_path():
     assert DataConfig(scale=[0.2, 1.0]).scale == (0.2, 1.0)
     with pytest.raises(ValueError, match="data.path is empty"):
         num_classes(DataConfig(source="folder"))
+
+
+# ---- per-sample seeded augmentation (fap.data.seeding) ----------------------------------------
+
+def _epoch_images(dataset, epoch, order, *, num_workers):
+    """Training images of ``epoch`` read in ``order`` through a DataLoader with ``num_workers``."""
+    from fap.data import set_epoch
+    from fap.data.base import collate_uint8
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=5,
+                                         num_workers=num_workers, collate_fn=collate_uint8)
+    set_epoch(loader, epoch)  # a Subset has no set_epoch: set the dataset's own
+    dataset.set_epoch(epoch)
+    images = torch.cat([x for x, _ in loader])
+    return {i: img for i, img in zip(order, images)}
+
+
+@pytest.mark.parametrize("source", ["folder", "hf"])
+def test_training_augmentation_depends_on_seed_epoch_and_index_only(data_demo, data_parquet, source):
+    """Default crops and flips plus RandAugment: a sample's training image is the same with 0, 1
+    or 2 workers and in any order (a resume skips the epoch's first samples), differs between
+    epochs and seeds, and drawing it leaves the main process's generators where they were."""
+    import random
+
+    path = data_demo if source == "folder" else data_parquet
+    cfg = DataConfig(source=source, path=str(path), image_size=24, auto_augment="rand-m9-mstd0.5-inc1")
+    dataset = build_dataset(cfg, "train", train=True, seed=3)
+    n = 20
+    forward = _epoch_images(dataset, 1, list(range(n)), num_workers=0)
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    dataset.set_epoch(1)
+    dataset[7]
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+    for workers, order in ((1, list(range(n - 1, -1, -1))), (2, list(range(5, n)))):
+        again = _epoch_images(dataset, 1, order, num_workers=workers)
+        assert all(torch.equal(again[i], forward[i]) for i in order), (workers, order)
+    other_epoch = _epoch_images(dataset, 2, list(range(n)), num_workers=0)
+    other_seed = _epoch_images(build_dataset(cfg, "train", train=True, seed=4), 1, list(range(n)), num_workers=0)
+    assert sum(torch.equal(other_epoch[i], forward[i]) for i in range(n)) < n // 2
+    assert sum(torch.equal(other_seed[i], forward[i]) for i in range(n)) < n // 2

@@ -2,7 +2,10 @@
 
 Every run is a subprocess of `tests/fault_runner.py` (``fap.engine`` with one fault from
 ``FAP_FAULT``) on the tiny ViT of `helpers_engine`: 48 images, batch 20, so 2 Fast
-AdvProp updates per epoch, a checkpoint after every update, the newest 2 kept.
+AdvProp updates per epoch, a checkpoint after every update, the newest 2 kept. The data
+pipeline is the default one (RandomResizedCrop + flip, seeded per sample), with the random
+start on, so every resume that must be bitwise exact is one through random augmentation,
+half of them mid-epoch.
 """
 import hashlib
 import json
@@ -97,8 +100,11 @@ def _kill_when(proc, condition, timeout=240):
 def test_killed_runs_resume_to_the_same_weights(tiny_folder, straight, tmp_path):
     """SIGKILL at 6 points - inside a checkpoint write, between marker and rename, inside a
     prune, while a save is in flight (seen from outside) and at 2 random times - each
-    followed by ``--checkpoint.resume=auto``; the run ends bitwise equal to the straight one."""
+    followed by ``--checkpoint.resume=auto``; the run ends bitwise equal to the straight one.
+    The killed attempts decode in a loader worker, the last one in two, the straight run in
+    the main process: the augmentation does not depend on it."""
     out = tmp_path / "killed"
+    worker = {"data.num_workers": 1}
     ckpts = out / "checkpoints"
     kills = []
 
@@ -112,11 +118,11 @@ def test_killed_runs_resume_to_the_same_weights(tiny_folder, straight, tmp_path)
         return complete
 
     def resume(fault="", **kw):
-        proc = _run(tiny_folder, out, fault, **{"checkpoint.resume": "auto", **kw})
+        proc = _run(tiny_folder, out, fault, **{"checkpoint.resume": "auto", **worker, **kw})
         return proc
 
     # 1. Inside the 3rd save: the weights are on disk, the optimizer state half-written.
-    p = _run(tiny_folder, out, "kill_in_save:3")
+    p = _run(tiny_folder, out, "kill_in_save:3", **worker)
     check_after_kill(p, "in save")
     assert _steps(out) == [1, 2] and (ckpts / ".tmp-step_00000003").is_dir()
 
@@ -133,7 +139,7 @@ def test_killed_runs_resume_to_the_same_weights(tiny_folder, straight, tmp_path)
     assert _steps(out) == [3, 4] and (ckpts / ".tmp-del-step_00000002").is_dir()
 
     # 4. From outside, the moment the next save's temporary directory appears.
-    proc = subprocess.Popen(_cmd(tiny_folder, out, **{"checkpoint.resume": "auto"}), cwd=REPO, env=clean_env(),
+    proc = subprocess.Popen(_cmd(tiny_folder, out, **{"checkpoint.resume": "auto", **worker}), cwd=REPO, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _kill_when(proc, lambda: any(c.name.startswith(".tmp-step_") for c in ckpts.iterdir()))
     check_after_kill(proc, "save in flight")
@@ -143,7 +149,7 @@ def test_killed_runs_resume_to_the_same_weights(tiny_folder, straight, tmp_path)
     rng = random.Random(7)
     for attempt in range(2):
         log_size = (out / "log.jsonl").stat().st_size
-        proc = subprocess.Popen(_cmd(tiny_folder, out, **{"checkpoint.resume": "auto"}), cwd=REPO,
+        proc = subprocess.Popen(_cmd(tiny_folder, out, **{"checkpoint.resume": "auto", **worker}), cwd=REPO,
                                 env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         delay, started = rng.uniform(0.0, 1.0), []
 
@@ -156,7 +162,7 @@ def test_killed_runs_resume_to_the_same_weights(tiny_folder, straight, tmp_path)
             break
         check_after_kill(proc, f"random, {delay:.2f}s into training")
 
-    final = resume()
+    final = resume(**{"data.num_workers": 2})  # data.num_workers may change on resume: still exact
     _ok(final)
     assert _steps(out)[-1] == UPDATES
     assert not any(c.name.startswith(".tmp-") for c in ckpts.iterdir()), "leftovers were not cleaned up"
