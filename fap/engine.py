@@ -29,6 +29,7 @@ The engine never imports `fap.attacks`: it knows nothing about adversarial examp
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -153,14 +154,30 @@ def _restore_rng(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class MethodRNG:
-    """The random streams the training step draws from (random starts, Mixup, drop-path).
+def _seeded_state(stream: int) -> Dict[str, Any]:
+    """The global generators' states after seeding them all with ``stream`` (they are left as they were)."""
+    outer = _capture_rng()
+    torch.manual_seed(stream)
+    np.random.seed(stream)
+    random.seed(stream)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(stream)
+    state = _capture_rng()
+    _restore_rng(outer)
+    return state
 
-    Data loading draws from the global generators too, and Accelerate's loader reads one
-    batch ahead; so after a mid-epoch resume the global state would be one batch of
-    augmentation ahead of where the interrupted run had it. Running each update inside
-    `scope` swaps in this object's own state (one stream per rank), which is saved with
-    every checkpoint, so the method's randomness resumes exactly.
+
+class MethodRNG:
+    """The random streams the training step draws from (random starts, Shuffling BN's
+    permutation, Mixup/CutMix, drop-path).
+
+    Running each update inside `scope` swaps in this object's own state (one stream per
+    rank), which is saved with every checkpoint, so the method's randomness resumes exactly
+    wherever the checkpoint was taken. (The data pipeline seeds each sample's augmentation
+    itself, from ``(seed, epoch, index)``: ``fap.data.seeding``.) A checkpoint written by
+    another number of processes has streams that do not map onto this run's ranks: then each
+    rank starts a new stream, derived from the checkpoint and the rank, so the resumed run is
+    reproducible but not bitwise equal to one that kept its process count.
 
     Args:
         seed: the run's seed.
@@ -170,15 +187,7 @@ class MethodRNG:
 
     def __init__(self, seed: int, rank: int, world: int):
         self.seed, self.rank, self.world = seed, rank, world
-        outer = _capture_rng()
-        stream = (seed * 1_000_003 + 7_919 * (rank + 1)) % (2 ** 32)
-        torch.manual_seed(stream)
-        np.random.seed(stream)
-        random.seed(stream)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed(stream)
-        self._state = _capture_rng()
-        _restore_rng(outer)
+        self._state = _seeded_state((seed * 1_000_003 + 7_919 * (rank + 1)) % (2 ** 32))
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
@@ -199,12 +208,12 @@ class MethodRNG:
         return {"world": self.world, "states": states}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("world") != self.world:
-            raise ConfigError(
-                f"the checkpoint's method RNG streams come from {state.get('world')} processes, this run has "
-                f"{self.world}; resume with the same number of processes"
-            )
-        self._state = state["states"][self.rank]
+        if state.get("world") == self.world:
+            self._state = state["states"][self.rank]
+            return
+        saved = state["states"][0]["torch"].numpy().tobytes()
+        digest = hashlib.sha256(saved + self.rank.to_bytes(4, "little")).digest()
+        self._state = _seeded_state(int.from_bytes(digest[:4], "little"))
 
 
 # ------------------------------------------------------------------------------------
@@ -574,9 +583,11 @@ def _check_resume_config(marker: Dict[str, Any], cfg: TrainConfig, path: Path, w
         lines = "; ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(f"cannot resume {path}: the run's config differs from the checkpoint's ({lines}). "
                           "Resume with the same recipe and overrides, or start a new run directory")
-    if int(marker.get("world_size", world)) != world:
-        raise ConfigError(f"cannot resume {path}: it was written by {marker['world_size']} processes, this run has "
-                          f"{world}; the data shards and RNG streams depend on it")
+    saved_world = int(marker.get("world_size", world))
+    if saved_world != world and ("DEEPSPEED" in str(marker.get("distributed_type", "")) or _using_deepspeed()):
+        raise ConfigError(f"cannot resume {path}: it was written by {saved_world} processes, this run has {world}, "
+                          "and DeepSpeed ZeRO partitions its optimizer state by process; resume with "
+                          f"{saved_world} processes")
 
 
 def _main_process_first(accelerator, fn):
@@ -767,6 +778,10 @@ def _train(config: TrainConfig, signals: "_StopSignals") -> Dict[str, Any]:
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from, marker=resume_marker)  # verified above
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step})")
+        if int(resume_marker.get("world_size", world)) != world:
+            accelerator.print(f"note: the checkpoint was written by {resume_marker['world_size']} processes, this run has "
+                              f"{world}: the same images in the same updates, but spread over other processes (other "
+                              "BatchNorm batches), and new random streams for the method: not bitwise the run it resumes")
 
     # How the gradients of one update's backward passes are reduced across processes.
     coalesce = deepspeed and _can_coalesce(model)

@@ -90,3 +90,27 @@ def test_mid_epoch_resume_for_each_source_and_worker_count(tiny_folder, tmp_path
     ckpt = straight / "checkpoints" / "step_00000003"  # epoch 1, after its first update
     _train(data, tmp_path / "resumed", **settings, **{"checkpoint.resume": str(ckpt)})
     assert _same_export(straight, tmp_path / "resumed")
+
+
+@pytest.mark.distributed
+def test_resume_on_another_number_of_processes_continues_the_same_run(tiny_folder, tmp_path):
+    """A 2-process run's mid-epoch checkpoint resumed by 1 process: the same global batches
+    (sample order and augmentation do not depend on the process count, and a process's k-th
+    loader batch ends at the same place of the epoch for any count), so vanilla training of a
+    LayerNorm model ends where the 2-process run does, up to float reduction order."""
+    from helpers_engine import accelerate_cmd, clean_env
+
+    settings = {**EVERY, "checkpoint.every_steps": 3, "method": "vanilla"}
+    two = tmp_path / "two"
+    args = tiny_vit_overrides(tiny_folder, two, **settings)
+    cmd = accelerate_cmd("-m", [], processes=2)[:-1] + ["-m", "fap.engine", *args]
+    run(cmd, env=clean_env())
+    ckpt = two / "checkpoints" / "step_00000003"
+    one = tmp_path / "one"
+    proc = _train(tiny_folder, one, **settings, **{"checkpoint.resume": str(ckpt)})
+    assert "written by 2 processes, this run has 1" in proc.stdout and "not bitwise" in proc.stdout
+    a, b = load_export(two), load_export(one)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, f"resumed on 1 process, the weights differ by {worst}"
+    la, lb = _losses(two), _losses(one)
+    assert sorted(lb) == [4, 5, 6] and all(abs(la[s] - lb[s]) < 1e-5 for s in lb)  # the same images
