@@ -184,19 +184,20 @@ def config(arm: Arm, protocol: str, seed: int, size: Size, paths: Dict[str, str]
 
 
 def config_key(cfg: fap.TrainConfig) -> str:
-    """A digest of everything that defines a run, the fap source included: a cached result is
-    reused only under the same key."""
+    """A digest of everything that defines a run and its measurements: the configuration, the
+    fap source and this module's source. A cached result is reused only under the same key."""
     from _provenance import library_digest
 
-    text = json.dumps(to_dict(cfg), sort_keys=True, default=str) + library_digest()
+    text = json.dumps(to_dict(cfg), sort_keys=True, default=str) + library_digest() + Path(__file__).read_text()
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def branch_table(run_dir: str, data: DataConfig, images: int) -> Dict[str, float]:
-    """Clean top-1 (all validation images) and top-1 under the training attack (FGSM from a
-    random start at ε, made against the branch that is evaluated) through each branch."""
+    """Through each branch: clean top-1 (all validation images) and top-1 under the training
+    attack (FGSM from a random start at ε, made against the branch that is evaluated) on
+    ``images`` evenly spaced validation images."""
     suite = SuiteConfig(clean=True, pgd_steps=1, pgd_epsilon=EPSILON, pgd_step=EPSILON, pgd_random_init_prob=1.0,
-                            pgd_max_images=images, batch_size=250, num_workers=0)
+                        pgd_max_images=images, batch_size=250, num_workers=0)
     out = {}
     for branch in ("main", "aux"):
         sets = evaluate(run_dir, suite, data=data, branch=branch)["sets"]
