@@ -850,7 +850,7 @@ def _train(config: TrainConfig, signals: "_StopSignals") -> Dict[str, Any]:
     def run_micro(x, y, no_sync) -> Dict[str, Any]:
         x = to_float(x)
         return method.train_step(model, x, y.to(accelerator.device), backward_scaled,
-                                 no_sync=no_sync, attack_model=unwrapped)
+                                 no_sync=no_sync, unwrapped_model=unwrapped)
 
     def to_float(images: torch.Tensor) -> torch.Tensor:
         x = fdata.to_unit_float(images.to(accelerator.device, non_blocking=True))

@@ -243,10 +243,10 @@ def run_suite(
 
 def _check_branch(net: nn.Module, info: Optional[LoadedModel], branch: str) -> None:
     """``branch`` must be one the model has: its auxiliary norms, or loaded in place of the main ones."""
-    from fap.norm import BRANCHES, has_dual_norm
+    from fap.norm import NORM_BRANCHES, has_dual_norm
 
-    if branch not in BRANCHES:
-        raise ValueError(f"branch={branch!r}: expected one of {', '.join(BRANCHES)}")
+    if branch not in NORM_BRANCHES:
+        raise ValueError(f"branch={branch!r}: expected one of {', '.join(NORM_BRANCHES)}")
     loaded = info.branch if info is not None else "main"
     if branch == "aux" and not has_dual_norm(net) and loaded != "aux":
         raise ValueError("branch='aux' needs a model with auxiliary norms (fap.models.create_model(..., "

@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "AUX_NAME",
     "branch_distance",
-    "BRANCHES",
+    "NORM_BRANCHES",
     "DualNorm",
     "convert_dual_norm",
     "dual_norm_modules",
@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 AUX_NAME = "aux_norm"
-BRANCHES = ("main", "aux")
+NORM_BRANCHES = ("main", "aux")
 
 
 class GradScale(torch.autograd.Function):
@@ -416,8 +416,8 @@ def route(model: nn.Module, branch: str):
     Routing is independent of ``model.train()`` / ``model.eval()``. A model without dual
     norms is left as it is (shared norms), so methods work on both.
     """
-    if branch not in BRANCHES:
-        raise ValueError(f"unknown branch {branch!r}; expected one of {BRANCHES}")
+    if branch not in NORM_BRANCHES:
+        raise ValueError(f"unknown branch {branch!r}; expected one of {NORM_BRANCHES}")
     return _routed(model, branch)
 
 
@@ -473,8 +473,8 @@ def select_branch(state_dict: Dict[str, torch.Tensor], branch: str) -> Dict[str,
     Raises:
         ValueError: unknown branch, or ``"aux"`` asked of a dict without auxiliary norms.
     """
-    if branch not in BRANCHES:
-        raise ValueError(f"unknown branch {branch!r}; expected one of {BRANCHES}")
+    if branch not in NORM_BRANCHES:
+        raise ValueError(f"unknown branch {branch!r}; expected one of {NORM_BRANCHES}")
     out = strip_aux(state_dict)
     if branch == "main":
         return out

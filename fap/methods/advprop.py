@@ -58,6 +58,7 @@ class AdvPropConfig:
 
 class AdvProp(Method):
     name = "advprop"
+    branches = ("clean", "adversarial")
     config_cls = AdvPropConfig
 
     def validate(self) -> None:
@@ -83,11 +84,11 @@ class AdvProp(Method):
         return StepCost(forward=passes, backward=passes,
                         image_passes=(k + 2) * batch_size, vanilla=batch_size)
 
-    def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, attack_model=None):
+    def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, unwrapped_model=None):
         c = self.config
         check_images(images, labels)
         check_norms(model, c.norms, self.name)
-        attacker = attack_model if attack_model is not None else model
+        attacker = unwrapped_model if unwrapped_model is not None else model
         b = images.shape[0]
         x_adv = self._attack(attacker, images, labels)
         x_c, t_c = self._clean_targets(images, labels)

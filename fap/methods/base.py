@@ -115,6 +115,8 @@ class Method:
 
     name: str = "method"
     config_cls: type = object
+    #: The passes whose losses `train_step` reports (``loss_<branch>`` etc.), in order.
+    branches: Tuple[str, ...] = ("clean",)
 
     def __init__(self, config=None, *, mixup_fn: Optional[MixupFn] = None, **overrides):
         cfg = config if config is not None else self.config_cls()
@@ -176,7 +178,7 @@ class Method:
             backward: Backward,
             *,
             no_sync: NoSync = contextlib.nullcontext,
-            attack_model: Optional[nn.Module] = None,
+            unwrapped_model: Optional[nn.Module] = None,
     ) -> Dict[str, Union[torch.Tensor, float, int]]:
         """Run the method's passes on one loader batch and return its metrics.
 
@@ -187,7 +189,7 @@ class Method:
             labels: (B,) int64 class indices.
             backward: ``backward(loss)`` accumulates gradients of ``loss``.
             no_sync: context factory for passes whose gradients must not be reduced yet.
-            attack_model: the unwrapped module, for passes that only need input
+            unwrapped_model: the unwrapped module, for passes that only need input
                 gradients (DeepSpeed ZeRO-2 cannot take ``autograd.grad`` through its
                 engine); defaults to ``model``.
 

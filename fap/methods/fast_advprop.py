@@ -172,6 +172,7 @@ def group_changing_permutation(
 
 class FastAdvProp(Method):
     name = "fast_advprop"
+    branches = ("clean", "noisy", "adversarial")
     config_cls = FastAdvPropConfig
     _warned_noop_shuffle = False
 
@@ -217,7 +218,7 @@ class FastAdvProp(Method):
                         image_passes=b_c + b_a * (k + 1), vanilla=batch_size)
 
     # -- the step --------------------------------------------------------------------
-    def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, attack_model=None):
+    def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, unwrapped_model=None):
         c = self.config
         check_images(images, labels)
         check_norms(model, c.norms, self.name)
@@ -250,7 +251,7 @@ class FastAdvProp(Method):
                     backward(k * loss_c)
                     metrics.update(branch_metrics("clean", loss_c, logits_c, t_c))
                 for _ in range(c.attack_steps - (0 if first else 1)):
-                    x_cur = self._noisy_pass(model, attack_model, x_a, x_cur, y_a, backward, k, step,
+                    x_cur = self._noisy_pass(model, unwrapped_model, x_a, x_cur, y_a, backward, k, step,
                                              metrics if first else None)
                     first = False
             metrics["perturbation_linf"] = (x_cur - x_a.float()).abs().amax() * 255.0
@@ -283,7 +284,7 @@ class FastAdvProp(Method):
         return {**branch_metrics("clean", loss_c, logits[:b_c], t_c),
                 **branch_metrics(other, loss_o, logits[b_c:], y_other)}
 
-    def _noisy_pass(self, model, attack_model, x_a, x_cur, y_a, backward, k, step, metrics):
+    def _noisy_pass(self, model, unwrapped_model, x_a, x_cur, y_a, backward, k, step, metrics):
         """Forward the current point through the aux norms (train mode); return the next point."""
         c = self.config
         x_n = x_cur.detach().requires_grad_(True)
@@ -294,7 +295,7 @@ class FastAdvProp(Method):
             backward(k * c.beta * loss)
             grad = x_n.grad
         else:
-            attacker = attack_model if attack_model is not None else model
+            attacker = unwrapped_model if unwrapped_model is not None else model
             with route(attacker, "aux"), torch.enable_grad():
                 logits = attacker(x_n)
                 loss = ce_sum(logits, y_a)

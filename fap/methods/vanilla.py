@@ -34,7 +34,7 @@ class Vanilla(Method):
     def cost(self, batch_size: int) -> StepCost:
         return StepCost(forward=1, backward=1, image_passes=batch_size, vanilla=batch_size)
 
-    def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, attack_model=None):
+    def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, unwrapped_model=None):
         check_images(images, labels)
         x, t = self._clean_targets(images, labels)
         with route(model, "main"):
