@@ -249,6 +249,18 @@ def verify_checkpoint(path: os.PathLike) -> Dict[str, Any]:
     return marker
 
 
+def register_state(accelerator, objects: Dict[str, Any]) -> Dict[str, str]:
+    """Register ``objects`` (each with ``state_dict``/``load_state_dict``) for Accelerate's
+    checkpoints; return each name's file in a checkpoint, for the marker.
+
+    Accelerate names the files by registration order (``custom_checkpoint_<i>.pkl``): this
+    is the one place that knows it, so readers look the file up by name
+    (`load_checkpoint_weights` for ``"ema"``).
+    """
+    accelerator.register_for_checkpointing(*objects.values())
+    return {name: f"custom_checkpoint_{i}.pkl" for i, name in enumerate(objects)}
+
+
 def load_checkpoint(accelerator, path: os.PathLike, *, marker: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """`verify_checkpoint` (unless its ``marker`` is passed: already verified), then
     ``accelerator.load_state``; return the marker.
@@ -556,10 +568,10 @@ def load_checkpoint_weights(path: os.PathLike, *, ema: bool = False) -> Dict[str
     path = Path(path)
     marker = read_marker(path)
     if ema:
-        index = marker.get("ema_index")
-        if index is None:
+        name = (marker.get("state_files") or {}).get("ema")
+        if name is None:
             raise CheckpointError(f"{path} has no EMA (the run had ema.enabled=False)")
-        state = safe_torch_load(path / f"custom_checkpoint_{index}.pkl")
+        state = safe_torch_load(path / name)
         return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():

@@ -82,7 +82,7 @@ def install(fault: str) -> None:
             return loss
         fa.ce_sum = ce_sum
     elif kind in ("disk_full", "read_only"):
-        import fap.engine as engine
+        import fap.engine.loop as engine
 
         n, real = int(args[0]), engine.save_checkpoint
 

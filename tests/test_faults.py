@@ -338,7 +338,7 @@ def test_export_and_weight_loading_refuse_malicious_pickles(two_steps, tmp_path)
 
     run, ckpt = _broken_copy(two_steps, tmp_path, "evil_ema")
     marker = json.loads((ckpt / MARKER).read_text())
-    marker["ema_index"] = 0  # pretend custom state 0 is an EMA
+    marker["state_files"] = {**marker.get("state_files", {}), "ema": "custom_checkpoint_0.pkl"}  # pretend it is an EMA
     (ckpt / MARKER).write_text(json.dumps(marker))
     _make_evil(ckpt / "custom_checkpoint_0.pkl", tmp_path / "pwned")
     with pytest.raises(CheckpointError, match="refused to load"):

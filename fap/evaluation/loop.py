@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 
 from fap.data.base import to_unit_float
 from fap.evaluation.metrics import topk_correct
@@ -31,7 +32,8 @@ def score_loader(
         attack: Optional[Callable] = None,
         prepared: bool = True,
         progress=None,
-) -> Dict[str, int]:
+        loss: bool = False,
+) -> Dict[str, float]:
     """Count top-1/top-5 hits of ``model`` over ``loader`` (and under ``attack`` if given).
 
     Args:
@@ -44,14 +46,16 @@ def score_loader(
             sharded already (FFCV), which must expose ``num_samples``, ``num_processes``,
             ``process_index`` and ``batch_size``.
         progress: a tqdm bar to advance by one per batch, or None.
+        loss: also sum the clean cross-entropy over the full logits (``"loss_sum"``).
 
     Returns:
         ``{"images": n, "top1": hits, "top5": hits}`` plus ``"adv_top1"``/``"adv_top5"``
-        under an attack, summed over every process.
+        under an attack, and ``"loss_sum"`` (float) if asked, summed over every process.
     """
     device = accelerator.device
     names = ["top1", "top5"] + (["adv_top1", "adv_top5"] if attack is not None else [])
     totals = torch.zeros(1 + len(names), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for step, (images, labels) in enumerate(loader):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         x = to_unit_float(images)
@@ -67,12 +71,25 @@ def score_loader(
         if not prepared:
             keep = _keep_mask(loader, step, len(labels), device)
         rows = torch.cat([keep] + columns, dim=1) * keep
-        rows = accelerator.gather_for_metrics(rows) if prepared else accelerator.gather(rows)
+        if loss:
+            losses = F.cross_entropy(logits.float(), labels, reduction="none").double() * keep.view(-1)
+            rows, losses = _gather(accelerator, (rows, losses), prepared)
+            loss_sum += losses.sum()
+        else:
+            rows = _gather(accelerator, rows, prepared)
         totals += rows.sum(dim=0)
         if progress is not None:
             progress.update(1)
     counts = totals.tolist()
-    return {"images": counts[0], **dict(zip(names, counts[1:]))}
+    out: Dict[str, float] = {"images": counts[0], **dict(zip(names, counts[1:]))}
+    if loss:
+        out["loss_sum"] = loss_sum.item()
+    return out
+
+
+def _gather(accelerator, tensors, prepared: bool):
+    """Every process's rows; a prepared loader's padding duplicates dropped."""
+    return accelerator.gather_for_metrics(tensors) if prepared else accelerator.gather(tensors)
 
 
 def _keep_mask(loader, step: int, batch: int, device) -> torch.Tensor:

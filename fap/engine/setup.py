@@ -1,0 +1,317 @@
+"""Set-up of a run: everything `fap.engine.loop.train` needs, built from the config into one `Run`.
+
+Whatever can be checked before processes and DeepSpeed start is checked first (batch
+divisibility, the checkpoint to resume and its config, the DeepSpeed file). Then the
+Accelerator, data, model, method, a timm optimizer (no weight decay on norms and biases),
+a timm schedule driven by the global update count (never ``prepare``-d, which would step it
+once per process), a timm ``ModelEmaV3``, the state saved with every checkpoint, and the
+update that matches the gradient-reduction path (`fap.engine.step`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from fap.checkpoint import TrainState, load_checkpoint, register_state, remove_partial, resolve_resume, \
+    verify_checkpoint
+from fap.config import ConfigError, TrainConfig, diff, method_name, to_dict, validate
+from fap.engine.distributed import configure_deepspeed, deepspeed_preflight, main_process_first, \
+    make_accelerator, using_deepspeed, warn_oversubscribed
+from fap.engine.state import MethodRNG
+from fap.engine.step import Update, make_update
+from fap.methods import build_method
+from fap.methods.base import Method, StepCost
+from fap.models import create_model
+
+__all__ = ["Run", "build_run", "resume", "RESUME_MAY_CHANGE"]
+
+# Keys that may differ between a checkpoint's config and the run that resumes it; any
+# other difference would make the resumed run a different experiment, and is an error.
+RESUME_MAY_CHANGE = (
+    "train.name", "train.max_steps", "train.eval_every", "train.eval_batch_size", "train.nonfinite",
+    "train.dist_timeout_s",
+    "data.path", "data.num_workers", "data.skip_corrupt",
+    "checkpoint.", "log.", "final_eval.",
+)
+
+
+@dataclass
+class Run:
+    """What set-up built; the loop reads it and advances ``state``.
+
+    ``model`` and ``optimizer`` are as ``accelerator.prepare`` returned them (DDP or
+    DeepSpeed wrapped); ``unwrapped`` is the `fap.models.PixelModel` inside. A loader is
+    ``prepared`` when Accelerate sharded it (FFCV's shard themselves). ``marker`` holds the
+    facts saved with every checkpoint.
+    """
+    cfg: TrainConfig
+    run_dir: Path
+    accelerator: Any
+    precision: str
+    world: int
+    micro: int
+    zero_stage: Optional[int]
+    model: Any
+    unwrapped: torch.nn.Module
+    method: Method
+    cost: StepCost
+    optimizer: Any
+    lr: float
+    scheduler: Any
+    ema: Any
+    train_loader: Any
+    eval_loader: Any
+    prepared_train: bool
+    prepared_eval: bool
+    num_classes: int
+    updates_per_epoch: int
+    update: Update
+    state: TrainState
+    rng: MethodRNG
+    marker: Dict[str, Any]
+    resume_from: Optional[Path] = None
+    resume_marker: Optional[Dict[str, Any]] = None
+
+    @property
+    def total_updates(self) -> int:
+        t = self.cfg.train
+        total = self.updates_per_epoch * t.epochs
+        return total if t.max_steps is None else min(total, t.max_steps)
+
+    def info(self) -> Dict[str, Any]:
+        """The resolved facts of the run: processes, precision, batch split, cost per step."""
+        t = self.cfg.train
+        per_update = self.world * t.accum_steps
+        return {
+            "method": self.method.name, "processes": self.world,
+            "distributed_type": str(self.accelerator.distributed_type), "zero_stage": self.zero_stage,
+            "gradient_reduction": self.update.description, "precision": self.precision,
+            "batch_size": t.batch_size, "accum_steps": t.accum_steps, "micro_batch_per_process": self.micro,
+            "lr_scaled": self.lr, "updates_per_epoch": self.updates_per_epoch, "num_classes": self.num_classes,
+            "image_passes_per_step": self.cost.image_passes * per_update,
+            "vanilla_image_passes_per_step": self.cost.vanilla * per_update,
+            "cost_ratio_per_step": self.cost.ratio,
+            "cost_ratio_run": self.cost.ratio * t.epochs / (t.reference_epochs or t.epochs),
+        }
+
+
+def build_run(config: TrainConfig) -> Run:
+    """Validate ``config`` and build everything the loop needs (see the module docstring)."""
+    from accelerate.utils import DistributedType, set_seed
+
+    cfg = validate(config)
+    run_dir = Path(cfg.output_dir)
+    world, micro = _batch_split(cfg)
+    resume_from, resume_marker = _checked_resume(cfg, run_dir, world)
+    deepspeed_preflight(cfg, micro, world)
+    accelerator, precision = make_accelerator(cfg, run_dir)
+    zero_stage = configure_deepspeed(accelerator, cfg, micro)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and cfg.train.nonfinite == "skip":
+        raise ConfigError("train.nonfinite='skip' is not available under DeepSpeed (its engine applies the update "
+                          "inside its own step); use train.nonfinite=stop, which stops before the update is saved")
+    set_seed(cfg.train.seed)  # identical on every rank: the model's initial weights must match
+    build = functools.partial(_build_data, cfg, micro, world, accelerator.process_index)
+    train_loader, eval_loader, num_classes = main_process_first(accelerator, build)
+    warn_oversubscribed(accelerator, cfg.data.num_workers)
+    model = _build_model(cfg, num_classes)
+    method, cost = _build_method(cfg, model, micro, num_classes)
+    optimizer, lr = build_optimizer(cfg, model)
+    prepared = (isinstance(train_loader, torch.utils.data.DataLoader),
+                isinstance(eval_loader, torch.utils.data.DataLoader))
+    model, optimizer, train_loader, eval_loader = _prepare(accelerator, model, optimizer, train_loader, eval_loader,
+                                                           prepared)
+    updates_per_epoch = _updates_per_epoch(cfg, train_loader, micro)
+    scheduler = build_scheduler(cfg, optimizer, updates_per_epoch)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = _build_ema(cfg, unwrapped)
+    state, rng = TrainState(), MethodRNG(cfg.train.seed, accelerator.process_index, world)
+    saved = {"state": state, "rng": rng, "scheduler": scheduler, "ema": ema}
+    state_files = register_state(accelerator, {k: v for k, v in saved.items() if v is not None})
+    marker = {"config": to_dict(cfg), "num_classes": num_classes, "world_size": world,
+              "distributed_type": str(accelerator.distributed_type), "precision": precision,
+              "zero_stage": zero_stage, "state_files": state_files}
+    update = make_update(accelerator, model, optimizer, method, deepspeed=deepspeed,
+                         accum_steps=cfg.train.accum_steps, channels_last=cfg.train.channels_last,
+                         clip_grad=cfg.optim.clip_grad, restore_on_skip=cfg.train.nonfinite == "skip")
+    return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, precision=precision, world=world, micro=micro,
+               zero_stage=zero_stage, model=model, unwrapped=unwrapped, method=method, cost=cost,
+               optimizer=optimizer, lr=lr, scheduler=scheduler, ema=ema, train_loader=train_loader,
+               eval_loader=eval_loader, prepared_train=prepared[0], prepared_eval=prepared[1],
+               num_classes=num_classes, updates_per_epoch=updates_per_epoch, update=update, state=state, rng=rng,
+               marker=marker, resume_from=resume_from, resume_marker=resume_marker)
+
+
+def resume(run: Run) -> None:
+    """Remove what an interrupted save left; load the checkpoint to resume, if any."""
+    remove_partial(run.accelerator, run.run_dir)
+    if run.resume_from is None:
+        return
+    load_checkpoint(run.accelerator, run.resume_from, marker=run.resume_marker)  # verified in build_run
+    run.accelerator.print(f"resumed from {run.resume_from} (epoch {run.state.epoch}, step {run.state.step})")
+    saved_world = int(run.resume_marker.get("world_size", run.world))
+    if saved_world != run.world:
+        run.accelerator.print(
+            f"note: the checkpoint was written by {saved_world} processes, this run has {run.world}: the same "
+            "images in the same updates, but spread over other processes (other BatchNorm batches), and new "
+            "random streams for the method: not bitwise the run it resumes")
+
+
+# ------------------------------------------------------------------------------------
+# The parts
+# ------------------------------------------------------------------------------------
+
+def _batch_split(cfg: TrainConfig) -> Tuple[int, int]:
+    """(processes, images per process and micro-batch), from the launcher's WORLD_SIZE."""
+    t = cfg.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.batch_size % (world * t.accum_steps):
+        example = world * t.accum_steps * max(1, t.batch_size // (world * t.accum_steps))
+        raise ConfigError(f"train.batch_size={t.batch_size} (global) must be divisible by processes ({world}) x "
+                          f"train.accum_steps ({t.accum_steps}); e.g. {example}")
+    return world, t.batch_size // (world * t.accum_steps)
+
+
+def _checked_resume(cfg: TrainConfig, run_dir: Path, world: int) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The checkpoint to resume and its marker: safe to load, complete, of this fap version,
+    and the same experiment; checked before anything is written."""
+    path = resolve_resume(cfg.checkpoint.resume, run_dir)
+    if path is None:
+        return None, None
+    marker = verify_checkpoint(path)
+    check_resume_config(marker, cfg, path, world)
+    return path, marker
+
+
+def check_resume_config(marker: Dict[str, Any], cfg: TrainConfig, path: Path, world: int) -> None:
+    """A resumed run must be the same experiment (only `RESUME_MAY_CHANGE` keys may differ)."""
+    from fap.config import from_dict
+
+    changed = {k: v for k, v in diff(from_dict(marker["config"]), cfg).items() if not k.startswith(RESUME_MAY_CHANGE)}
+    if changed:
+        lines = "; ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"cannot resume {path}: the run's config differs from the checkpoint's ({lines}). "
+                          "Resume with the same recipe and overrides, or start a new run directory")
+    saved_world = int(marker.get("world_size", world))
+    if saved_world != world and ("DEEPSPEED" in str(marker.get("distributed_type", "")) or using_deepspeed()):
+        raise ConfigError(f"cannot resume {path}: it was written by {saved_world} processes, this run has {world}, "
+                          "and DeepSpeed ZeRO partitions its optimizer state by process; resume with "
+                          f"{saved_world} processes")
+
+
+def _build_data(cfg: TrainConfig, micro: int, world: int, rank: int):
+    import fap.data as fdata
+
+    t = cfg.train
+    eval_micro = max(1, math.ceil((t.eval_batch_size or t.batch_size) / world))
+    shard = dict(seed=t.seed, num_processes=world, process_index=rank)
+    return (fdata.build_loader(cfg.data, "train", batch_size=micro, train=True, **shard),
+            fdata.build_loader(cfg.data, "val", batch_size=eval_micro, train=False, **shard),
+            cfg.model.num_classes or fdata.num_classes(cfg.data))
+
+
+def _build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    m, t = cfg.model, cfg.train
+    timm_kwargs = dict(m.kwargs)
+    if m.drop_path_rate:
+        timm_kwargs["drop_path_rate"] = m.drop_path_rate
+    try:
+        model = create_model(m.name, num_classes=num_classes, dual_norm=m.dual_norm, aux_group_size=m.aux_group_size,
+                             mean=m.mean, std=m.std, img_size=m.img_size, **timm_kwargs)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from e
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if t.compile:
+        model.net.compile(backend=t.compile_backend)  # in place: state-dict keys unchanged
+    return model
+
+
+def _build_method(cfg: TrainConfig, model, micro: int, num_classes: int) -> Tuple[Method, StepCost]:
+    method = build_method(method_name(cfg.method), cfg.method, mixup_fn=build_mixup(cfg, num_classes))
+    try:
+        method.check_setup(model, micro)
+        return method, method.cost(micro)
+    except ValueError as e:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} gives {micro} images per process and "
+                          f"micro-batch, which {method.name} cannot use: {e}") from e
+
+
+def _prepare(accelerator, model, optimizer, train_loader, eval_loader, prepared: Tuple[bool, bool]):
+    """``accelerator.prepare`` the model, optimizer and the loaders it should shard."""
+    loaders = [loader for loader, p in zip((train_loader, eval_loader), prepared) if p]
+    out = list(accelerator.prepare(model, optimizer, *loaders))
+    model, optimizer, rest = out[0], out[1], out[2:]
+    if prepared[0]:
+        train_loader = rest.pop(0)
+    if prepared[1]:
+        eval_loader = rest.pop(0)
+    return model, optimizer, train_loader, eval_loader
+
+
+def _updates_per_epoch(cfg: TrainConfig, train_loader, micro: int) -> int:
+    updates = len(train_loader) // cfg.train.accum_steps
+    if updates < 1:
+        raise ConfigError(f"the training split has {len(train_loader)} batches of {micro} per process, fewer than "
+                          f"train.accum_steps={cfg.train.accum_steps}: lower train.batch_size or use more data")
+    return updates
+
+
+def build_optimizer(cfg: TrainConfig, model) -> Tuple[torch.optim.Optimizer, float]:
+    """A timm optimizer over ``model.net`` and its learning rate after batch scaling."""
+    from timm.optim import create_optimizer_v2
+
+    o = cfg.optim
+    lr = o.lr * cfg.train.batch_size / o.lr_base_size if o.lr_base_size else o.lr
+    kwargs: Dict[str, Any] = {}
+    if o.betas is not None:
+        kwargs["betas"] = tuple(o.betas)
+    if o.eps is not None:
+        kwargs["eps"] = o.eps
+    # The timm network, not the PixelModel wrapper: timm reads `no_weight_decay()` (ViT's
+    # pos_embed / cls_token) and the layer groups for layer decay from it.
+    optimizer = create_optimizer_v2(
+        model.net, opt=o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
+        filter_bias_and_bn=o.no_decay_norm_bias, layer_decay=o.layer_decay, **kwargs,
+    )
+    return optimizer, lr
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, updates_per_epoch: int):
+    """A timm schedule stepped per update (``step_update(num_updates)``)."""
+    from timm.scheduler import create_scheduler_v2
+
+    s = cfg.sched
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=s.sched, num_epochs=cfg.train.epochs, decay_epochs=s.decay_epochs,
+        decay_milestones=list(s.milestones), cooldown_epochs=s.cooldown_epochs, decay_rate=s.decay_rate,
+        min_lr=s.min_lr, warmup_lr=s.warmup_lr, warmup_epochs=s.warmup_epochs, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return scheduler
+
+
+def build_mixup(cfg: TrainConfig, num_classes: int):
+    """timm's Mixup/CutMix, or None; the method applies it to the clean part only."""
+    if not cfg.mixup.enabled:
+        return None
+    from timm.data import Mixup
+
+    m = cfg.mixup
+    return Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob, switch_prob=m.switch_prob,
+                 mode=m.mode, label_smoothing=m.label_smoothing, num_classes=num_classes)
+
+
+def _build_ema(cfg: TrainConfig, unwrapped):
+    if not cfg.ema.enabled:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(unwrapped, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup,
+                      dtype=torch.float32 if cfg.ema.fp32 else None)
