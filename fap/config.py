@@ -258,13 +258,11 @@ class LogConfig:
         output_dir: the run directory (config, JSON-lines log, checkpoints, export,
             tracker files); None = ``runs/<train.name>``.
         trackers: accelerate trackers (``"tensorboard"``, ``"wandb"``, ...); () for none.
-        project: tracker project name.
         every_steps: log training metrics every N updates.
         progress: a progress bar on the main process.
     """
     output_dir: Optional[str] = None
     trackers: Tuple[str, ...] = ("tensorboard",)
-    project: str = "fap"
     every_steps: int = 10
     progress: bool = True
 

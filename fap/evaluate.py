@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -59,8 +58,6 @@ __all__ = [
     "run_suite",
     "write_report",
 ]
-
-_logger = logging.getLogger(__name__)
 
 # ImageNet-layout robustness sets: key -> (title, class subset the logits are masked to)
 FOLDER_SETS: Dict[str, Tuple[str, Optional[str]]] = {

@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import math
 import multiprocessing
 import os
 import shutil
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -56,8 +55,6 @@ __all__ = [
     "make_corrupted",
     "run",
 ]
-
-_logger = logging.getLogger(__name__)
 
 # The 15 ImageNet-C corruptions, in the paper's order (noise, blur, weather, digital).
 CORRUPTIONS: Tuple[str, ...] = (

@@ -174,7 +174,6 @@ class FastAdvProp(Method):
     name = "fast_advprop"
     branches = ("clean", "noisy", "adversarial")
     config_cls = FastAdvPropConfig
-    _warned_noop_shuffle = False
 
     def validate(self) -> None:
         c = self.config
@@ -323,13 +322,12 @@ class FastAdvProp(Method):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         total_groups = world * local_groups
         if total_groups < 2:
-            if not FastAdvProp._warned_noop_shuffle:
-                warnings.warn(
-                    "Shuffling BN is a no-op with a single BN group (one process, aux_group_size "
-                    f"None or >= B_a={b_a}); set aux_group_size (e.g. 16) to emulate per-GPU BN groups",
-                    stacklevel=3,
-                )
-                FastAdvProp._warned_noop_shuffle = True
+            # Once per calling location and B_a: the warnings module's default filter.
+            warnings.warn(
+                "Shuffling BN is a no-op with a single BN group (one process, aux_group_size "
+                f"None or >= B_a={b_a}); set aux_group_size (e.g. 16) to emulate per-GPU BN groups",
+                stacklevel=3,
+            )
             return x_adv, y
         if world == 1:
             perm = group_changing_permutation(total_groups, group_size).to(x_adv.device)
