@@ -58,13 +58,15 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from fap.attacks import check_epsilon, random_start, sign_step
-from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_images, check_norms, NORM_MODES, Norms
+from fap.attacks import random_start, sign_step
+from fap.checks import ConfigError, require
+from fap.methods.base import (Method, MethodConfig, Norms, StepCost, branch_metrics, ce_sum, check_attack,
+                              check_images, check_norms)
 from fap.norm import dual_norm_modules, has_batch_norm, route, set_grad_scale, split_route
 
 __all__ = [
@@ -77,7 +79,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class FastAdvPropConfig:
+class FastAdvPropConfig(MethodConfig):
     """Every switch of the paper's ablations.
 
     Args:
@@ -108,13 +110,29 @@ class FastAdvPropConfig:
     attack_steps: int = 1
     beta: float = 0.5
     random_init_prob: float = 1.0
-    random_init_per: str = "sample"
+    random_init_per: Literal["sample", "batch"] = "sample"
     reuse: bool = True
     per_group_normalization: bool = True
     shuffle: bool = True
     norms: Norms = "dual"
     fused: bool = False
     label_smoothing: float = 0.0
+
+    def validate(self, *, model_dual_norm: Optional[bool] = None,
+                 mixup_enabled: bool = False) -> "FastAdvPropConfig":
+        """`MethodConfig.validate`, plus the split, the attack and the fused pass."""
+        super().validate(model_dual_norm=model_dual_norm, mixup_enabled=mixup_enabled)
+        require(0.0 < self.p_adv < 1.0, "method.p_adv", self.p_adv,
+                "a number in (0, 1), the adversarial fraction of the batch (e.g. 0.2)")
+        check_attack(self)
+        require(self.beta > 0, "method.beta", self.beta,
+                "a number > 0 (the attack gradient comes from the beta-weighted loss)")
+        if self.fused and self.norms != "dual":
+            raise ConfigError(f"method.fused=True needs method.norms='dual', got norms={self.norms!r}: with one "
+                              "set of BatchNorm the fused pass would mix clean and noisy batch statistics")
+        if self.fused and not self.reuse:
+            raise ConfigError("method.fused=True needs method.reuse=True: the fused backward trains on the noisy pass")
+        return self
 
 
 def split_sizes(batch_size: int, p_adv: float) -> Tuple[int, int]:
@@ -174,29 +192,6 @@ class FastAdvProp(Method):
     name = "fast_advprop"
     branches = ("clean", "noisy", "adversarial")
     config_cls = FastAdvPropConfig
-
-    def validate(self) -> None:
-        c = self.config
-        if not 0.0 < c.p_adv < 1.0:
-            raise ValueError(f"p_adv must be in (0, 1), got {c.p_adv}")
-        check_epsilon(c.epsilon)
-        if c.step is not None:
-            check_epsilon(c.step, "step")
-        if not isinstance(c.attack_steps, int) or c.attack_steps < 1:
-            raise ValueError(f"attack_steps (K) must be an int >= 1, got {c.attack_steps!r}")
-        if not c.beta > 0:
-            raise ValueError(f"beta must be > 0 (the attack gradient comes from the β-weighted loss), got {c.beta}")
-        if not 0.0 <= c.random_init_prob <= 1.0:
-            raise ValueError(f"random_init_prob must be in [0, 1], got {c.random_init_prob}")
-        if c.random_init_per not in ("sample", "batch"):
-            raise ValueError(f"random_init_per must be 'sample' or 'batch', got {c.random_init_per!r}")
-        if c.norms not in NORM_MODES:
-            raise ValueError(f"norms must be one of {', '.join(NORM_MODES)}, got {c.norms!r}")
-        if c.fused and c.norms != "dual":
-            raise ValueError(f"fused=True needs norms='dual', got norms={c.norms!r}: with one set of "
-                             "BatchNorm the fused pass would mix clean and noisy batch statistics")
-        if c.fused and not c.reuse:
-            raise ValueError("fused=True needs reuse=True: the fused backward trains on the noisy pass")
 
     # -- bookkeeping -----------------------------------------------------------------
     def weights(self, b_c: int, b_a: int) -> Dict[str, float]:
