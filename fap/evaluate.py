@@ -501,14 +501,14 @@ def parse_suite(tokens: Sequence[str], args: argparse.Namespace) -> Tuple[SuiteC
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``fap eval``; returns the exit code (1 with a one-line message for unusable input)."""
+    """Run ``fap eval``; returns the exit code (2 with a one-line message for unusable input)."""
     from fap.evaluation.loading import WeightsError
 
     try:
         return _run(args)
     except (DataError, WeightsError, FileNotFoundError, ValueError) as e:
         print(f"fap eval: error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 
 import fap
+import fap.cli
 from fap.data import DataConfig, make_demo
-from fap.evaluate import SuiteConfig
+from fap.evaluation.config import SuiteConfig
 from fap.methods import CONFIGS, budget_matched
 
 VANILLA_EPOCHS, CLEAN_BATCH = 12, 128
@@ -231,4 +232,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(fap.cli.run_main(main))  # a mistake in the arguments: one line and status 2 (--debug: traceback)
