@@ -34,23 +34,10 @@ rank has the same ``B_c`` and ``B_a`` and the mean over ranks is the global norm
 
 ``fused=True`` runs the clean and the first noisy pass as one forward/backward with split
 routing (first B_c rows main, rest aux); the gradients are the same as the three-pass form.
-It is *slower* than the three-pass form on CPU, measured (`fap bench`, 1 thread, ResNet-18
-with widths 32-256, 48 px, paired medians of 5 interleaved rounds): 1.54× vanilla against
-1.38× for three passes at loader batch 100, 1.54× against 1.37× at 160, 1.56× against
-1.30× at 320. Two costs, the first one fundamental:
-
-* the input gradient. The attack needs ∂loss/∂x of the noisy rows, but in one batched
-  forward autograd computes the first layer's input gradient for *every* row. That
-  gradient is costly here: oneDNN's backward-data of ResNet's 3→64 7×7 stride-2 stem took
-  0.57 ms per image, about 20 % of a whole vanilla forward+backward per image (backward
-  of that step: 146 ms without the input gradient, 203 ms with it, B = 100). Fused pays it
-  for B_c + B_a rows, three-pass for B_a;
-* split routing: every norm layer splits its input and concatenates its two outputs,
-  about 3 % of the pass (+9 ms on 255 ms).
-
-Saving one pass's fixed overhead does not make up for either on CPU. Where per-pass
-overhead dominates (kernel launches at small per-GPU batches) fused may win; it has not
-been measured on a GPU here. Three-pass is the default.
+It is slower on a CPU: one batched pass computes the first layer's input gradient for
+every row, not only the B_a the attack needs, and split routing costs each norm layer a
+split and a concatenation (measurements: ``benchmarks/results/README.md``). Three-pass is
+the default.
 """
 from __future__ import annotations
 
