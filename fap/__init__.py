@@ -4,6 +4,9 @@
     cfg = fap.parse_args(fap.TrainConfig())      # or a recipe's config; --section.key=value overrides
     summary = fap.train(cfg)                     # `accelerate launch` it for many processes
 
+    sys.exit(fap.train_cli(config, smoke=smoke))  # a recipe's last line: both of the above, with
+                                                 # one-line errors (exit 2) for the user's mistakes
+
 The training API is imported on first use, so ``import fap.norm`` stays light.
 ``fap.evaluate`` is the evaluation module (``fap eval``), not an attribute of this one.
 """
@@ -11,6 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "train": "fap.engine",
+    "train_cli": "fap.cli",
     "parse_args": "fap.config",
     "peek_method": "fap.config",
     "TrainConfig": "fap.config",

@@ -34,7 +34,6 @@ __all__ = [
     "fgsm",
 ]
 
-REFERENCE_CODE_RANDOM_INIT_PROB = 0.42
 ADVPROP_RANDOM_INIT_PROB = 0.8
 
 

@@ -8,7 +8,8 @@ fused) train on the same pre-decoded loader batches from the same initial weight
 "epoch" is those batches once. Printed per method: wall time per epoch and its ratio to
 vanilla, image-passes per epoch (forward+backward of one image = 1; exact, from the
 method), peak tensor memory of one step, and the whole-run ratio when the method is
-budget-matched (Fast AdvProp: epochs / (1 + p_adv), Mei et al., ICLR 2022). Rounds are
+budget-matched (Fast AdvProp: epochs / (1 + p_adv), Mei et al., ICLR 2022) against
+``--reference-epochs`` vanilla epochs (105, ResNet-50's schedule). Rounds are
 interleaved (method 1, 2, ..., then again). ``vs vanilla`` divides the fastest rounds (as
 ``timeit`` does: other load only ever adds time); ``(paired)`` is the median over rounds of
 the ratio within a round, and ``(CPU)`` the same for process CPU time. On a shared machine
@@ -32,41 +33,15 @@ auxiliary norms, ghost groups, Shuffling BN, gradient scales or metrics. It is w
 implementation pays on this hardware, so ``vs floor`` (Fast AdvProp over the floor,
 paired) is fap's own overhead, and the floor over vanilla is the hardware's.
 
-Measured on the 2-core CPU this project develops on (1 thread, idle machine, ResNet-18 at
-widths 32-256, 48 px, 8 batches per epoch, 5 rounds; ``fap bench --skip-engine --batch
-160,100,320``; paired medians; benchmarks/results/step_cost_cpu.txt has the tables):
-
-  =====  ============  =========  ===========  =====  =====  =====
-  batch  Fast AdvProp  the floor  fap's share  fused  PGD-1  PGD-5
-  =====  ============  =========  ===========  =====  =====  =====
-  100    1.38x         1.34x      1.02x        1.54x  2.92x  6.42x
-  160    1.37x         1.28x      1.06x        1.54x  3.03x  6.51x
-  320    1.30x         1.22x      1.04x        1.56x  3.31x  7.03x
-  =====  ============  =========  ===========  =====  =====  =====
-
-A LayerNorm ViT-Tiny (patch 8, 48 px, batch 160; no BatchNorm, so no ghost groups or
-shuffle) measured 1.18x vanilla, the floor 1.17x, fap's share 1.01x, budget-matched 0.98x,
-fused 1.19x: within the targets below.
-
-For the ResNet the floor is above the counted 1.2x because a CPU's per-image cost depends on the batch
-(thread CPU time per image of one vanilla forward+backward: 2.73 ms at 32 images, 2.45 ms
-at 160, 2.83 ms at 320) and because the attack's input gradient adds about 0.05x, almost
-all of it the backward-data of ResNet's 3->64 7x7 stride-2 stem (0.57 ms per image in
-oneDNN, about 20 % of a vanilla image's forward+backward at these widths). Of fap's 2-6 %,
-ghost BN groups with Shuffling BN were about 3 points and the per-group gradient scale 2
-(an earlier breakdown of the same code). Repeated runs of unchanged code moved the ratios
-to vanilla by up to ±0.07 on this shared machine; read the paired columns. Fused is slower
-than three passes on CPU: see `fap.methods.fast_advprop`.
+Measurements made with it, and what they show, are in ``benchmarks/results/`` (README.md
+there, the raw tables beside it) and the README's "Cost, measured".
 
 Part 2 (engine overhead): one vanilla epoch through ``fap.train`` against a bare PyTorch
 loop (same model, data loader, optimizer and loss), training time only (fap's summary
 excludes its evaluation and checkpoint time).
 
 Targets (CPU, small model): Fast AdvProp <= 1.25x vanilla per epoch (ideal 1.2x; budget-matched
-total <= 1.02x); AdvProp PGD-5 about 7x; fap's vanilla epoch within 5 % of the bare loop. On
-this CPU the ViT-Tiny meets them; for the ResNet the plain-PyTorch floor alone is
-1.22-1.34x, so the per-epoch target is out of reach of any implementation here, and what
-fap controls is its share over the floor.
+total <= 1.02x); AdvProp PGD-5 about 7x; fap's vanilla epoch within 5 % of the bare loop.
 This is a measurement, not a test: nothing here asserts.
 """
 from __future__ import annotations
@@ -86,6 +61,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from fap.attacks import random_start, sign_step
 from fap.data import DataConfig, build_loader, num_classes, to_unit_float
 from fap.methods import budget_matched, build_method
 from fap.methods.fast_advprop import split_sizes
@@ -93,6 +69,10 @@ from fap.models import create_model
 from fap.norm import has_batch_norm, set_aux_group_size
 
 __all__ = ["add_arguments", "run", "main"]
+
+# The vanilla schedule the whole-run ratio is budget-matched against: ResNet-50's 105 epochs,
+# which Fast AdvProp divides to 87 (Mei et al., ICLR 2022, Sec. 4.1; recipes/resnet50.py).
+REFERENCE_EPOCHS = 105
 
 METHODS = [
     ("vanilla", "vanilla", {}),
@@ -126,14 +106,14 @@ class ThreePassFloor:
     def train_step(self, model, images, labels, backward, **_):
         c = self.config
         b_c, b_a = split_sizes(images.shape[0], c.p_adv)
-        eps = c.epsilon / 255.0
         k = 1.0 / self._fast.weights(b_c, b_a)["shared"]
         ce = torch.nn.functional.cross_entropy
         backward(k * ce(model(images[:b_c]), labels[:b_c], reduction="sum"))
         x_a, y_a = images[b_c:], labels[b_c:]
-        x_n = (x_a + (torch.rand_like(x_a) * 2 - 1) * eps).clamp_(0, 1).requires_grad_(True)
+        x_n = random_start(x_a, c.epsilon, random_init_prob=c.random_init_prob,
+                           per=c.random_init_per).requires_grad_(True)
         backward(k * c.beta * ce(model(x_n), y_a, reduction="sum"))
-        x_adv = torch.min(torch.max(x_n.detach() + eps * x_n.grad.sign(), x_a - eps), x_a + eps).clamp_(0, 1)
+        x_adv = sign_step(x_a, x_n, x_n.grad, epsilon=c.epsilon, step=c.step if c.step is not None else c.epsilon)
         backward(k * c.beta * ce(model(x_adv), y_a, reduction="sum"))
         return {}
 
@@ -155,6 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=8, help="loader batches per 'epoch' in part 1")
     p.add_argument("--methods", default=",".join(name for name, _, _ in METHODS),
                    help="which of part 1's methods to run, comma-separated (vanilla is always run: the ratios need it)")
+    p.add_argument("--reference-epochs", type=int, default=REFERENCE_EPOCHS,
+                   help="the vanilla epochs the budget-matched total divides (ResNet-50's 105 -> 87)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (the fastest is reported)")
     p.add_argument("--engine-steps", type=int, default=20, help="updates per engine-overhead epoch (part 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -237,6 +219,7 @@ def peak_memory_of_step(fn, device: str) -> float:
 
 
 def part1(args, data_cfg: DataConfig) -> Dict[str, Dict]:
+    """Time every chosen method on the same batches from the same weights; one result per method."""
     device = torch.device(args.device)
     n_classes = num_classes(data_cfg)
     batches = fixed_batches(args, data_cfg)
@@ -244,82 +227,94 @@ def part1(args, data_cfg: DataConfig) -> Dict[str, Dict]:
     init = create_model(args.model, num_classes=n_classes, **model_kwargs(args)).to(device)
     torch.manual_seed(0)
     plain = create_model(args.model, num_classes=n_classes, dual_norm=False, **model_kwargs(args)).to(device)
+    methods = _chosen_methods(args)
+    batch_norm = has_batch_norm(init)
+    groups = {name: aux_groups(args, m) if name.startswith("fast_advprop") and batch_norm else None
+              for name, m in methods.items()}
+    times, cpu, peak = _time_rounds(args, methods, batches, init=init, plain=plain, groups=groups, device=device)
+    return {name: {**_method_result(args, name, method, times, cpu), "peak_memory_mib": peak[name],
+                   "aux_group_size": groups[name], "batch_norm": batch_norm}
+            for name, method in methods.items()}
+
+
+def _chosen_methods(args) -> Dict[str, object]:
+    """``--methods`` (vanilla always) as ``{name: method}``."""
     chosen = set(getattr(args, "methods", "").split(",")) if getattr(args, "methods", "") else {n for n, _, _ in METHODS}
     unknown = chosen - {n for n, _, _ in METHODS}
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {[n for n, _, _ in METHODS]}")
-    methods = {name: ThreePassFloor() if kind == "floor" else build_method(kind, None, **kw)
-               for name, kind, kw in METHODS if name in chosen | {"vanilla"}}
+    return {name: ThreePassFloor() if kind == "floor" else build_method(kind, None, **kw)
+            for name, kind, kw in METHODS if name in chosen | {"vanilla"}}
+
+
+def _make_step(method, model, opt, device: torch.device):
+    """One optimizer update of ``method`` on a uint8 loader batch."""
+    def step(images, labels):
+        x = to_unit_float(images.to(device, non_blocking=True))
+        with warnings.catch_warnings():  # "Shuffling BN is a no-op": the table says so
+            warnings.filterwarnings("ignore", message="Shuffling BN is a no-op")
+            method.train_step(model, x, labels.to(device), lambda loss: loss.backward())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_rounds(args, methods, batches, *, init, plain, groups, device):
+    """Interleaved rounds: wall and CPU seconds per epoch of each method, and its peak memory."""
     times: Dict[str, List[float]] = {name: [] for name in methods}
     cpu: Dict[str, List[float]] = {name: [] for name in methods}
     peak: Dict[str, float] = {}
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def make_step(method, model, opt):
-        def step(images, labels):
-            x = to_unit_float(images.to(device, non_blocking=True))
-            with warnings.catch_warnings():  # "Shuffling BN is a no-op": the table says so
-                warnings.filterwarnings("ignore", message="Shuffling BN is a no-op")
-                method.train_step(model, x, labels.to(device), lambda loss: loss.backward())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    batch_norm = has_batch_norm(init)
-    groups = {name: aux_groups(args, m) if name.startswith("fast_advprop") and batch_norm else None
-              for name, m in methods.items()}
     for r in range(args.rounds):
         for name, method in methods.items():
             # vanilla and the floor train the plain model, as the recipes train vanilla
             model = copy.deepcopy(plain if name in ("vanilla", "three_pass_floor") else init).train()
             set_aux_group_size(model, groups[name])
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            step = make_step(method, model, opt)
+            step = _make_step(method, model, opt, device)
             for images, labels in batches[:2]:  # warm-up (allocator, oneDNN/cuDNN primitives)
                 step(images, labels)
-            sync()
+            _sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             for images, labels in batches:
                 step(images, labels)
-            sync()
+            _sync(device)
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
             if r == 0:
                 peak[name] = peak_memory_of_step(lambda: step(*batches[0]), args.device)
             print(f"  round {r + 1}/{args.rounds} {name:>20}: {times[name][-1]:.2f} s", flush=True)
+    return times, cpu, peak
 
-    vanilla, vanilla_cpu = min(times["vanilla"]), min(cpu["vanilla"])
-    results = {}
-    for name, method in methods.items():
-        cost = method.cost(args.batch)
-        per_epoch = min(times[name])
-        epochs_factor = 1.0
-        if name.startswith("fast_advprop"):
-            c = method.config
-            matched, _ = budget_matched(105, p_adv=c.p_adv, attack_steps=c.attack_steps)
-            epochs_factor = matched / 105  # e.g. 87 / 105 for ResNet-50's schedule
-        results[name] = {
-            "seconds_per_epoch": per_epoch,
-            "ratio_to_vanilla": per_epoch / vanilla,
-            "median_ratio_to_vanilla": statistics.median(times[name]) / statistics.median(times["vanilla"]),
-            "paired_median_ratio_to_vanilla": _paired_median(times[name], times["vanilla"]),
-            "paired_median_cpu_ratio_to_vanilla": _paired_median(cpu[name], cpu["vanilla"]),
-            "cpu_ratio_to_vanilla": min(cpu[name]) / vanilla_cpu,
-            "image_passes_per_epoch": cost.image_passes * args.batches,
-            "image_pass_ratio": cost.ratio,
-            "peak_memory_mib": peak[name],
-            "budget_matched_total_ratio": per_epoch / vanilla * epochs_factor,
-            "paired_median_ratio_to_floor": (_paired_median(times[name], times["three_pass_floor"])
-                                             if "three_pass_floor" in times else None),
-            "aux_group_size": groups[name],
-            "batch_norm": batch_norm,
-            "all_seconds": times[name],
-            "all_cpu_seconds": cpu[name],
-        }
-    return results
+
+def _method_result(args, name: str, method, times: Dict[str, List[float]], cpu: Dict[str, List[float]]) -> Dict:
+    """Ratios of one method's times to vanilla's (and the floor's), and its exact image-passes."""
+    cost = method.cost(args.batch)
+    per_epoch, vanilla = min(times[name]), min(times["vanilla"])
+    epochs_factor = 1.0
+    if name.startswith("fast_advprop"):
+        reference = getattr(args, "reference_epochs", REFERENCE_EPOCHS)
+        matched, _ = budget_matched(reference, p_adv=method.config.p_adv, attack_steps=method.config.attack_steps)
+        epochs_factor = matched / reference  # e.g. 87 / 105 for ResNet-50's schedule
+    return {
+        "seconds_per_epoch": per_epoch,
+        "ratio_to_vanilla": per_epoch / vanilla,
+        "median_ratio_to_vanilla": statistics.median(times[name]) / statistics.median(times["vanilla"]),
+        "paired_median_ratio_to_vanilla": _paired_median(times[name], times["vanilla"]),
+        "paired_median_cpu_ratio_to_vanilla": _paired_median(cpu[name], cpu["vanilla"]),
+        "cpu_ratio_to_vanilla": min(cpu[name]) / min(cpu["vanilla"]),
+        "image_passes_per_epoch": cost.image_passes * args.batches,
+        "image_pass_ratio": cost.ratio,
+        "budget_matched_total_ratio": per_epoch / vanilla * epochs_factor,
+        "paired_median_ratio_to_floor": (_paired_median(times[name], times["three_pass_floor"])
+                                         if "three_pass_floor" in times else None),
+        "all_seconds": times[name],
+        "all_cpu_seconds": cpu[name],
+    }
 
 
 def _paired_median(times: List[float], vanilla: List[float]) -> float:

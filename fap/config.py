@@ -24,8 +24,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
+from fap.checks import ConfigError, choices_text, literal_choices
 from fap.data import DataConfig
-from fap.evaluate import SuiteConfig
+from fap.evaluation.config import SuiteConfig
 from fap.methods import CONFIGS as METHOD_CONFIGS
 
 __all__ = [
@@ -48,10 +49,6 @@ __all__ = [
     "validate",
     "diff",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message names the key, the value and what is valid."""
 
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -258,13 +255,11 @@ class LogConfig:
         output_dir: the run directory (config, JSON-lines log, checkpoints, export,
             tracker files); None = ``runs/<train.name>``.
         trackers: accelerate trackers (``"tensorboard"``, ``"wandb"``, ...); () for none.
-        project: tracker project name.
         every_steps: log training metrics every N updates.
         progress: a progress bar on the main process.
     """
     output_dir: Optional[str] = None
     trackers: Tuple[str, ...] = ("tensorboard",)
-    project: str = "fap"
     every_steps: int = 10
     progress: bool = True
 
@@ -318,8 +313,9 @@ def _hints(cls: type) -> Dict[str, Any]:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    choices = literal_choices(tp)
+    if choices is not None:
+        return choices_text(choices)
     if origin is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         inner = " or ".join(_type_name(a) for a in args)
@@ -622,9 +618,28 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             method_name(obj)
         elif section == "data":
             _require(isinstance(obj, DataConfig), f"data must be a fap.data.DataConfig, got {type(obj).__name__}")
-            obj.validate()
+            _section_validate(obj.validate)
             continue
         _check_types(section, obj)
+    _check_values(cfg)
+    # Each method checks its own switches, and those that depend on the other sections.
+    _section_validate(lambda: cfg.method.validate(model_dual_norm=cfg.model.dual_norm,
+                                                  mixup_enabled=cfg.mixup.enabled))
+    return cfg
+
+
+def _section_validate(check: Callable[[], Any]) -> None:
+    """Run a section's own ``validate``; a plain ``ValueError`` it raises becomes a `ConfigError`."""
+    try:
+        check()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Ranges of the sections `fap.config` defines, and consistency between them."""
     t, o, s, m, e, c, lg = cfg.train, cfg.optim, cfg.sched, cfg.mixup, cfg.ema, cfg.checkpoint, cfg.log
     _require(t.epochs >= 1, f"train.epochs={t.epochs}: expected an int >= 1")
     _require(t.batch_size >= 1, f"train.batch_size={t.batch_size}: expected an int >= 1")
@@ -665,16 +680,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(c.every_steps >= 0 and c.every_epochs >= 0 and c.keep >= 0,
              "checkpoint.every_steps, checkpoint.every_epochs and checkpoint.keep must be >= 0")
     _require(lg.every_steps >= 1, f"log.every_steps={lg.every_steps}: expected an int >= 1")
-    name = method_name(cfg.method)
-    norms = getattr(cfg.method, "norms", None)
-    if norms is not None:
-        _require((norms == "dual") == cfg.model.dual_norm,
-                 f"method.norms={norms!r} but model.dual_norm={cfg.model.dual_norm}: {name} with norms='dual' "
-                 "needs model.dual_norm=true, with 'shared' or 'mixed' model.dual_norm=false")
-    if m.enabled and name == "advprop":
-        raise ConfigError("mixup is enabled but method 'advprop' pairs each clean image with its "
-                          "adversarial copy, which Mixup/CutMix would break; use fast_advprop or vanilla")
-    return cfg
 
 
 # ------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import torch.nn as nn
 from fap.data.base import DataError, collate_uint8
 from fap.data.class_subsets import SUBSETS, subset_indices
 from fap.data.config import DataConfig, INTERPOLATIONS
+from fap.evaluation.config import FOLDER_SETS, SuiteConfig
 from fap.evaluation.folders import ModelFolder, imagenet_c_layout, list_class_folders
 from fap.evaluation.loading import LoadedModel, load_model, wrap_module
 from fap.evaluation.loop import score_loader
@@ -60,106 +60,7 @@ __all__ = [
     "write_report",
 ]
 
-_logger = logging.getLogger(__name__)
-
-# ImageNet-layout robustness sets: key -> (title, class subset the logits are masked to)
-FOLDER_SETS: Dict[str, Tuple[str, Optional[str]]] = {
-    "imagenet_r": ("ImageNet-R", "imagenet_r"),
-    "imagenet_a": ("ImageNet-A", "imagenet_a"),
-    "sketch": ("ImageNet-Sketch", None),
-    "stylized": ("Stylized-ImageNet", None),
-    "v2": ("ImageNet-V2", None),
-}
 DEFAULT_IMAGE_SIZE, DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION = 224, 0.875, "bilinear"
-
-
-@dataclass
-class SuiteConfig:
-    """Which sets to evaluate, and how. Empty paths and ``pgd_steps=0`` switch a set off.
-
-    Args:
-        clean: top-1/top-5 on the validation split of the data config passed alongside.
-        imagenet_c: root of an ImageNet-C layout (``<corruption>/<severity>/<class>/``).
-        imagenet_r, imagenet_a, sketch, stylized, v2: roots of those sets (class folders).
-        corruptions: ImageNet-C corruptions to score; empty = every corruption folder found.
-        pgd_steps: K of the PGD-K attack on the clean split; 0 = no adversarial evaluation.
-        pgd_epsilon: ε in 1/255 pixel units.
-        pgd_step: step size in 1/255 units; None = ``fap.attacks.pgd``'s default
-            ``min(max(1, ε/K), ε)``.
-        pgd_random_init_prob: probability of a random start. The default 0 starts from
-            the clean image, so the result does not depend on random numbers (and hence not
-            on the number of processes).
-        pgd_max_images: attack only this many clean images (evenly spaced); 0 = all.
-        batch_size: images per process and batch.
-        num_workers: DataLoader workers per process.
-        image_size, crop_pct, interpolation: eval preprocessing (resize the short side to
-            ``image_size / crop_pct``, centre-crop ``image_size``); None = the data
-            config's, else the model's recorded one, else 224 / 0.875 / bilinear.
-            ImageNet-C images are pre-cropped: they get ``crop_pct = 1``.
-        seed: seeds the PGD random start (per process).
-    """
-    clean: bool = True
-    imagenet_c: str = ""
-    imagenet_r: str = ""
-    imagenet_a: str = ""
-    sketch: str = ""
-    stylized: str = ""
-    v2: str = ""
-    corruptions: Tuple[str, ...] = ()
-    pgd_steps: int = 0
-    pgd_epsilon: float = 1.0
-    pgd_step: Optional[float] = None
-    pgd_random_init_prob: float = 0.0
-    pgd_max_images: int = 0
-    batch_size: int = 64
-    num_workers: int = 2
-    image_size: Optional[int] = None
-    crop_pct: Optional[float] = None
-    interpolation: Optional[str] = None
-    seed: int = 0
-
-    def validate(self) -> "SuiteConfig":
-        """Check the fields; raise ``ValueError`` naming the key, the value and what is valid."""
-        from fap.attacks import check_epsilon
-
-        _check(isinstance(self.pgd_steps, int) and self.pgd_steps >= 0, "pgd_steps", self.pgd_steps,
-               "an int >= 0 (0 = no adversarial evaluation)")
-        check_epsilon(self.pgd_epsilon, "suite.pgd_epsilon")
-        if self.pgd_step is not None:
-            check_epsilon(self.pgd_step, "suite.pgd_step")
-        _check(0.0 <= self.pgd_random_init_prob <= 1.0, "pgd_random_init_prob", self.pgd_random_init_prob,
-               "a probability in [0, 1]")
-        _check(isinstance(self.pgd_max_images, int) and self.pgd_max_images >= 0, "pgd_max_images",
-               self.pgd_max_images, "an int >= 0 (0 = all)")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, "an int >= 1")
-        _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", self.num_workers,
-               "an int >= 0")
-        _check(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 8),
-               "image_size", self.image_size, "None or an int >= 8")
-        _check(self.crop_pct is None or 0.0 < self.crop_pct <= 1.0, "crop_pct", self.crop_pct, "None or (0, 1]")
-        _check(self.interpolation is None or self.interpolation in INTERPOLATIONS, "interpolation",
-               self.interpolation, f"None or one of {', '.join(INTERPOLATIONS)}")
-        for key in ("imagenet_c",) + tuple(FOLDER_SETS):
-            _check(isinstance(getattr(self, key), str), key, getattr(self, key), "a directory path or ''")
-        if self.corruptions and not self.imagenet_c:
-            raise ValueError("suite.corruptions is set but suite.imagenet_c is empty: give the ImageNet-C root")
-        if not self.requested():
-            raise ValueError("the suite turns on no set: set clean=True, pgd_steps >= 1, or a path for imagenet_c, "
-                             + ", ".join(FOLDER_SETS))
-        return self
-
-    def requested(self) -> List[str]:
-        """The names of the sets this config turns on."""
-        names = ["clean"] if self.clean else []
-        names += ["adversarial"] if self.pgd_steps else []
-        names += [k for k in FOLDER_SETS if getattr(self, k)]
-        names += ["imagenet_c"] if self.imagenet_c else []
-        return names
-
-
-def _check(ok: bool, key: str, value: object, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"suite.{key}={value!r} is not valid: expected {expected}")
 
 
 # --------------------------------------------------------------------------------------
@@ -600,14 +501,14 @@ def parse_suite(tokens: Sequence[str], args: argparse.Namespace) -> Tuple[SuiteC
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``fap eval``; returns the exit code (1 with a one-line message for unusable input)."""
+    """Run ``fap eval``; returns the exit code (2 with a one-line message for unusable input)."""
     from fap.evaluation.loading import WeightsError
 
     try:
         return _run(args)
     except (DataError, WeightsError, FileNotFoundError, ValueError) as e:
         print(f"fap eval: error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def _run(args: argparse.Namespace) -> int:

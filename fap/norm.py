@@ -139,9 +139,8 @@ def _ghost_bn_forward(bn, x, weight, bias, group_size: int, factor: float):
 
     The groups' statistics come out of the batch-norm kernel itself: each group's call
     gets a scratch running buffer with momentum 1, which the kernel overwrites with that
-    group's mean and unbiased variance. Recomputing them from ``x`` instead (a variance
-    over non-adjacent dimensions) cost more than the normalisation's forward and backward
-    together on CPU (4 ms against 2 ms for 20×64×24×24, 1 thread).
+    group's mean and unbiased variance; recomputing them from ``x`` (a variance over
+    non-adjacent dimensions) was slower (``benchmarks/results/README.md``).
     """
     n = x.shape[0]
     if not ghost_groups_fit(group_size, n):

@@ -32,21 +32,21 @@ corrupted images. Tutorial 02 is the controlled experiment.
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 import fap
+import fap.cli
 from fap.data import DataConfig, make_demo
-from fap.evaluate import SuiteConfig
+from fap.evaluation.config import SuiteConfig
 from fap.methods import CONFIGS, budget_matched
 
 VANILLA_EPOCHS, CLEAN_BATCH = 12, 128
 LOADER_WORKERS = 1
 # The corrupted copy: the first 20 validation images of each class (200), under the 15
-# ImageNet-C corruptions at 5 severities each (15,000 images, made once, ~30 s).
+# ImageNet-C corruptions at 5 severities each (15,000 images, made once).
 CORRUPTED_PER_CLASS = 20
 METHODS = ("vanilla", "fast_advprop")
 LABELS = {"vanilla": "vanilla", "fast_advprop": "Fast AdvProp"}
@@ -93,26 +93,17 @@ def smoke(cfg: fap.TrainConfig) -> fap.TrainConfig:
 def corrupted_copy(data: DataConfig, corruptions=()) -> str:
     """A small ImageNet-C-style copy of the validation split, made on first use and cached.
 
-    The first `CORRUPTED_PER_CLASS` images of each validation class are copied to
-    ``<data.path>-val<N>`` and corrupted into ``<data.path>-c<N>`` by `fap data corrupt`
-    (`fap.data.corrupt.make_corrupted`: every corruption at severities 1-5; it reuses a
-    complete copy made with the same settings).
+    The first `CORRUPTED_PER_CLASS` images of each validation class are corrupted into
+    ``<data.path>-<val_split>-c<N>`` by `fap data corrupt` (`fap.data.corrupt.make_corrupted`:
+    every corruption at severities 1-5; it reuses a complete copy made with the same settings).
     """
     from fap.data.corrupt import make_corrupted
 
     if data.source == "demo":
         make_demo(data.path)  # reuses a complete copy
     root = data.path.rstrip("/")
-    subset = Path(f"{root}-val{CORRUPTED_PER_CLASS}")
-    if not subset.is_dir():
-        partial = subset.with_name(subset.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        for cls in sorted(p for p in (Path(root) / data.val_split).iterdir() if p.is_dir()):
-            (partial / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:CORRUPTED_PER_CLASS]:
-                shutil.copy2(f, partial / cls.name / f.name)
-        partial.rename(subset)
-    return make_corrupted(str(subset), f"{root}-c{CORRUPTED_PER_CLASS}", corruptions=corruptions or None,
+    return make_corrupted(os.path.join(root, data.val_split), f"{root}-{data.val_split}-c{CORRUPTED_PER_CLASS}",
+                          corruptions=corruptions or None, per_class=CORRUPTED_PER_CLASS,
                           num_workers=os.cpu_count() or 1, progress=False)
 
 
@@ -231,4 +222,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(fap.cli.run_main(main))  # a mistake in the arguments: one line and status 2 (--debug: traceback)

@@ -29,6 +29,7 @@ module); fap's dual norms keep the activation after either branch (the reference
 conversion silently drops it).
 """
 import dataclasses
+import sys
 
 import fap
 from fap.data import DataConfig
@@ -78,4 +79,4 @@ def smoke(cfg: fap.TrainConfig) -> fap.TrainConfig:
 
 
 if __name__ == "__main__":
-    fap.train(fap.parse_args(config(fap.peek_method()), smoke=smoke))
+    sys.exit(fap.train_cli(config, smoke=smoke))  # parse --method, --smoke and overrides; train

@@ -38,6 +38,7 @@ and where it does not:
   Algorithm 1); the reference code's effective value is 0.42: ``--method.random_init_prob=0.42``.
 """
 import dataclasses
+import sys
 
 import fap
 from fap.data import DataConfig
@@ -86,4 +87,4 @@ def smoke(cfg: fap.TrainConfig) -> fap.TrainConfig:
 
 
 if __name__ == "__main__":
-    fap.train(fap.parse_args(config(fap.peek_method()), smoke=smoke))
+    sys.exit(fap.train_cli(config, smoke=smoke))  # parse --method, --smoke and overrides; train

@@ -31,6 +31,7 @@ cosine to 1e-5, RandAugment m9-mstd0.5, Mixup 0.8 / CutMix 1.0 (on the clean par
 label smoothing 0.1, stochastic depth 0.1, no gradient clipping, no EMA.
 """
 import dataclasses
+import sys
 
 import fap
 from fap.data import DataConfig
@@ -77,4 +78,4 @@ def smoke(cfg: fap.TrainConfig) -> fap.TrainConfig:
 
 
 if __name__ == "__main__":
-    fap.train(fap.parse_args(config(fap.peek_method()), smoke=smoke))
+    sys.exit(fap.train_cli(config, smoke=smoke))  # parse --method, --smoke and overrides; train

@@ -75,9 +75,15 @@ def smoke(cfg: fap.TrainConfig) -> fap.TrainConfig:
     )
 
 
-if __name__ == "__main__":
+def launched_config(method: str = "fast_advprop") -> fap.TrainConfig:
+    """`config`, refused unless ``accelerate launch`` set up DeepSpeed."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
-        sys.exit("recipes/vit_l.py is a DeepSpeed ZeRO-3 recipe: launch it with\n"
-                 "  accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/vit_l.py ...\n"
-                 "(for DDP, take recipes/vit_b.py and --model.name=vit_large_patch16_224)")
-    fap.train(fap.parse_args(config(fap.peek_method()), smoke=smoke))
+        raise fap.ConfigError(
+            "this is a DeepSpeed ZeRO-3 recipe: launch it with `accelerate launch --config_file "
+            "accelerate_configs/deepspeed_zero3.yaml recipes/vit_l.py ...`\n"
+            "  (for DDP, take recipes/vit_b.py and --model.name=vit_large_patch16_224)")
+    return config(method)
+
+
+if __name__ == "__main__":
+    sys.exit(fap.train_cli(launched_config, smoke=smoke))

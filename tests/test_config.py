@@ -72,7 +72,11 @@ def test_method_section_is_the_methods_own_dataclass():
     (["--method", "vanilla", "--method.p_adv=0.3"], ["'p_adv'", "method 'vanilla'", "label_smoothing"]),
     (["--sched.milestones=a,b"], ["sched.milestones", "a list of an int"]),
     (['--model.kwargs=[1]'], ["model.kwargs", "JSON object"]),
-    (["--data.source=s3"], ["data.source", "folder, hf, ffcv, demo"]),
+    (["--data.source=s3"], ["data.source", "'s3'", "'folder', 'hf', 'ffcv', 'demo'"]),
+    (["--data.interpolation=cubic"], ["data.interpolation", "'cubic'", "'bicubic'"]),
+    (["--method.random_init_per=step"], ["method.random_init_per", "'step'", "'sample', 'batch'"]),
+    (["--method", "advprop", "--method.attack_bn_mode=frozen"], ["method.attack_bn_mode", "'eval', 'train'"]),
+    (["--final_eval.interpolation=cubic"], ["final_eval.interpolation", "'bilinear'", "None"]),
     (["--train"], ["--train needs a value"]),
     (["train.batch_size=3"], ["unexpected argument"]),
 ])
@@ -98,6 +102,14 @@ def test_bad_overrides_name_the_key_and_the_valid_choices(args, words):
      ["optim.opt='adamwww'", "timm optimizer"]),
     (lambda c: dataclasses.replace(c, method=object()),
      ["not a method config", "FastAdvPropConfig"]),
+    (lambda c: dataclasses.replace(c, method=FastAdvPropConfig(p_adv=1.5)),
+     ["method.p_adv=1.5", "(0, 1)"]),
+    (lambda c: dataclasses.replace(c, method=FastAdvPropConfig(random_init_per="step")),
+     ["method.random_init_per='step'", "'sample', 'batch'"]),
+    (lambda c: dataclasses.replace(c, method=FastAdvPropConfig(epsilon=-1.0)),
+     ["method.epsilon", ">= 0"]),
+    (lambda c: dataclasses.replace(c, train=dataclasses.replace(c.train, nonfinite="ignore")),
+     ["train.nonfinite='ignore'", "'stop', 'skip'"]),
 ])
 def test_validate_rejects_inconsistent_configs(change, words):
     with pytest.raises(ConfigError) as e:
@@ -122,6 +134,27 @@ def test_help_lists_every_key(capsys):
     out = capsys.readouterr().out
     assert "--train.batch_size=256" in out and "--method.p_adv=0.2" in out and "--data.path=''" in out
     assert describe(TrainConfig()) in out
+    # Closed choices are listed, from the Literal annotations.
+    assert "--method.random_init_per='sample'    (one of 'sample', 'batch')" in out
+    assert "--data.source='folder'    (one of 'folder', 'hf', 'ffcv', 'demo')" in out
+    assert "--final_eval.interpolation=None    (one of 'bilinear'" in out
+
+
+def test_method_configs_validate_themselves_against_the_run():
+    """`fap.config.validate` holds no method rule: each method config checks its own."""
+    import inspect
+
+    import fap.config
+
+    source = inspect.getsource(fap.config)
+    assert "advprop" not in source.replace("fast_advprop", "") and "fap.evaluate " not in source
+    assert "import fap.evaluate" not in source and "from fap.evaluate " not in source
+    with pytest.raises(ConfigError, match="method.norms='dual' but model.dual_norm=False"):
+        FastAdvPropConfig().validate(model_dual_norm=False)
+    FastAdvPropConfig().validate()  # without the run: no model to compare against
+    with pytest.raises(ConfigError, match="mixup is enabled but method 'advprop'"):
+        CONFIGS["advprop"]().validate(mixup_enabled=True)
+    assert VanillaConfig().validate(model_dual_norm=True, mixup_enabled=True) == VanillaConfig()
 
 
 def test_round_trip_through_json():

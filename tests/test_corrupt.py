@@ -130,3 +130,22 @@ def test_fap_data_corrupt_is_wired_into_the_command_line(tmp_path):
     assert main(["data", "corrupt", src, str(tmp_path / "c"), "--corruptions", "contrast",
                  "--severities", "2", "--num-workers", "0"]) == 0
     assert os.listdir(tmp_path / "c" / "contrast" / "2" / "a") == ["a_0.jpg"]
+
+
+def test_per_class_corrupts_only_the_first_images_of_each_class(tmp_path):
+    src = _folder(tmp_path / "src")
+    kw = dict(corruptions=("contrast",), severities=(2,), seed=1, num_workers=0, progress=False)
+    full = C.make_corrupted(src, str(tmp_path / "full"), **kw)
+    small = C.make_corrupted(src, str(tmp_path / "small"), per_class=1, **kw)
+    first = {}
+    for cls, path in C.list_images(src):
+        first.setdefault(cls, os.path.basename(path))
+    for cls, name in first.items():
+        folder = os.path.join(small, "contrast", "2", cls)
+        assert os.listdir(folder) == [name]
+    marker = json.load(open(os.path.join(small, C.MARKER)))
+    assert marker["per_class"] == 1 and marker["images"] == len(first)
+    assert "per_class" not in json.load(open(os.path.join(full, C.MARKER)))  # older copies still match
+    assert C.make_corrupted(src, str(tmp_path / "small"), per_class=1, **kw) == small  # reused
+    with pytest.raises(ValueError, match="per_class=0"):
+        C.make_corrupted(src, str(tmp_path / "bad"), per_class=0, **kw)

@@ -198,3 +198,18 @@ def test_inspect_hf_reports_labels_out_of_range(data_hf_broken):
     problems = "\n".join(report.problems)
     assert "[val]: label 12 at row 5 is outside [0, 10)" in problems
     assert "[test]: label -1 at row 0" in problems and "[test]: 10 of 10 classes have no images" in problems
+
+
+def test_inspect_of_a_sample_says_how_much_it_checked(data_demo, capsys):
+    assert fap_main(["data", "inspect", data_demo, "--max-images", "5"]) == 0
+    assert "problems: none found in the 10 of 120 images checked (--all decodes every one)" in capsys.readouterr().out
+    assert fap_main(["data", "inspect", data_demo, "--all"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("problems: none found")
+
+
+def test_missing_data_is_a_data_error_the_cli_reports_in_one_line(tmp_path):
+    from fap.data import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match="data.path=.*nowhere.*no such directory") as info:
+        num_classes(_cfg(tmp_path / "nowhere"))
+    assert isinstance(info.value, DataError) and isinstance(info.value, FileNotFoundError)

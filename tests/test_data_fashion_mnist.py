@@ -57,7 +57,7 @@ def test_cli_and_reuse(data_idx_dir, tmp_path, capsys):
     assert "30 train, 10 val images" in capsys.readouterr().out
     stamp = os.stat(os.path.join(out, "train")).st_mtime_ns
     assert fap_main(args) == 0 and os.stat(os.path.join(out, "train")).st_mtime_ns == stamp  # reused
-    assert fap_main(args[:-4] + ["--max-train", "40"]) == 1  # a different copy: refused, not overwritten
+    assert fap_main(args[:-4] + ["--max-train", "40"]) == 2  # a different copy: refused, not overwritten
     assert "not a Fashion-MNIST copy" in capsys.readouterr().err
 
 
@@ -69,7 +69,7 @@ def test_missing_files_name_the_debian_package(tmp_path, capsys):
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz"):
         assert name in message
-    assert fap_main(["data", "fashion-mnist", "--out", str(tmp_path / "o"), "--src", str(tmp_path)]) == 1
+    assert fap_main(["data", "fashion-mnist", "--out", str(tmp_path / "o"), "--src", str(tmp_path)]) == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().err
 
 

@@ -175,9 +175,9 @@ def test_to_unit_float():
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("source", "webdataset", "one of folder, hf, ffcv, demo"),
+    ("source", "webdataset", "one of 'folder', 'hf', 'ffcv', 'demo'"),
     ("crop_pct", 1.5, "(0, 1]"),
-    ("interpolation", "cubic", "one of bilinear"),
+    ("interpolation", "cubic", "one of 'bilinear'"),
     ("scale", (0.5, 0.1), "0 < min <= max <= 1"),
     ("hflip", 2.0, "probability"),
     ("auto_augment", "autoaug", "timm policy string"),

@@ -221,10 +221,10 @@ def test_bad_input_names_the_file_key_and_value(demo, demo_c, export, tmp_path, 
     shutil.copy(os.path.join(export, "model.safetensors"), bare)
     with pytest.raises(WeightsError, match=r"bare\.safetensors: its metadata names no architecture"):
         load_model(str(bare))
-    # the command line says the same in one line, exit status 1
+    # the command line says the same in one line, exit status 2
     from fap.cli import main
 
-    assert main(["eval", str(wrong), "--suite", f"imagenet_c={broken}", "--out", str(tmp_path / "o")]) == 1
+    assert main(["eval", str(wrong), "--suite", f"imagenet_c={broken}", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fap eval: error: ") and "wrong-export/model.safetensors" in err
     # settings
@@ -350,7 +350,7 @@ def test_auxiliary_branch_from_a_checkpoint_equals_the_routed_model(demo, export
     with open(tmp_path / "o" / "results.json") as f:
         assert json.load(f)["sets"]["clean"]["top1"] == from_checkpoint["sets"]["clean"]["top1"]
     assert "(auxiliary norms)" in capsys.readouterr().out
-    assert main(["eval", export, "--suite", "clean", "--data", demo, "--branch", "aux"]) == 1
+    assert main(["eval", export, "--suite", "clean", "--data", demo, "--branch", "aux"]) == 2
     assert "model.safetensors: branch 'aux': these weights have no auxiliary norms" in capsys.readouterr().err
     with pytest.raises(ValueError, match="branch='aux' needs a model with auxiliary norms"):
         evaluate(plain, suite, data=data, branch="aux")

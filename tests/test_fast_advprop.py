@@ -342,15 +342,15 @@ def test_shared_norms_mode_uses_one_set_of_norms():
 
 def test_bad_configuration_is_a_clear_error():
     for p in (0.0, 1.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match=r"p_adv must be in \(0, 1\)"):
+        with pytest.raises(ValueError, match=r"method.p_adv=.* expected a number in \(0, 1\)"):
             FastAdvProp(p_adv=p)
     with pytest.raises(ValueError, match="epsilon must be a number >= 0"):
         FastAdvProp(epsilon=-1.0)
     with pytest.raises(ValueError, match="unknown option"):
         FastAdvProp(eps=1.0)
-    with pytest.raises(ValueError, match="fused=True needs norms='dual'"):
+    with pytest.raises(ValueError, match="fused=True needs method.norms='dual'"):
         FastAdvProp(fused=True, norms="mixed")
-    with pytest.raises(ValueError, match="norms must be one of dual, shared, mixed, got 'split'"):
+    with pytest.raises(ValueError, match="method.norms='split' is not valid: expected one of 'dual', 'shared', 'mixed'"):
         FastAdvProp(norms="split")
     x, y = batch(4)
     with pytest.raises(ValueError, match="a batch of 4 cannot be split with p_adv=0.1"):

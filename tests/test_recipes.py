@@ -83,7 +83,7 @@ def _recipe(name):
     return module
 
 
-def test_recipe_errors_are_clear(monkeypatch):
+def test_recipe_errors_are_clear(monkeypatch, capsys):
     from fap import ConfigError, parse_args
 
     resnet = _recipe("resnet50")
@@ -96,5 +96,6 @@ def test_recipe_errors_are_clear(monkeypatch):
     # The large-model recipe refuses to start without DeepSpeed, and says how to launch it.
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     monkeypatch.setattr(sys, "argv", ["recipes/vit_l.py", "--smoke"])
-    with pytest.raises(SystemExit, match="deepspeed_zero3.yaml"):
+    with pytest.raises(SystemExit) as e:
         runpy.run_path(str(REPO / "recipes" / "vit_l.py"), run_name="__main__")
+    assert e.value.code == 2 and "deepspeed_zero3.yaml" in capsys.readouterr().err

@@ -6,12 +6,13 @@ attacks work in. ``fap data ...`` (``fap.data.cli``) makes, converts and inspect
 
 FFCV and HF ``datasets`` are imported only when a source needs them.
 """
-from fap.data.base import DataError, to_unit_float
+from fap.data.base import DataError, DataNotFoundError, to_unit_float
 from fap.data.config import SOURCES, DataConfig
 from fap.data.demo import make_demo
 from fap.data.loader import build_dataset, build_loader, class_names, num_classes, set_epoch
 
 __all__ = [
+    "DataNotFoundError",
     "SOURCES",
     "DataConfig",
     "DataError",

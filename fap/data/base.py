@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DataError",
+    "DataNotFoundError",
     "IMAGE_EXTENSIONS",
     "SkipCounter",
     "collate_uint8",
@@ -39,6 +40,10 @@ SKIP_HINT = "set data.skip_corrupt=True to skip (and count) such files instead"
 
 class DataError(ValueError):
     """A dataset that cannot be used as it is. The message names the file or key and the fix."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A dataset directory, split or file that is not there. The message names the path and the fix."""
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:

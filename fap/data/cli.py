@@ -155,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the chosen ``fap data`` subcommand; errors about the data are printed, exit status 1."""
+    """Run the chosen ``fap data`` subcommand; errors about the data are printed in one line, exit status 2."""
     from fap.data.base import DataError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -163,4 +163,4 @@ def run(args: argparse.Namespace) -> int:
         return int(args._data_run(args) or 0)
     except (DataError, FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
         print(f"fap data {args.data_command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2

@@ -6,14 +6,19 @@ recipes read like timm commands, plus the source of the images.
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
-__all__ = ["DataConfig", "SOURCES", "INTERPOLATIONS"]
+from fap.checks import ConfigError, check_choices
 
-SOURCES = ("folder", "hf", "ffcv", "demo")
+__all__ = ["DataConfig", "SOURCES", "INTERPOLATIONS", "Source", "Interpolation"]
+
+Source = Literal["folder", "hf", "ffcv", "demo"]
 # Modes timm's str_to_interp_mode / str_to_pil_interp accept ("random" picks per image when training).
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random")
+Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random"]
+SOURCES = typing.get_args(Source)
+INTERPOLATIONS = typing.get_args(Interpolation)
 # Prefixes of the policy strings timm.data.create_transform understands (timm/data/auto_augment.py).
 AUTO_AUGMENT_PREFIXES = ("rand", "augmix", "original", "v0", "3a")
 
@@ -40,13 +45,13 @@ class DataConfig:
         skip_corrupt: skip, log and count unreadable images instead of raising.
     """
 
-    source: str = "folder"
+    source: Source = "folder"
     path: str = ""
     train_split: str = "train"
     val_split: str = "val"
     image_size: int = 224
     crop_pct: float = 0.875
-    interpolation: str = "bilinear"
+    interpolation: Interpolation = "bilinear"
     scale: tuple = (0.08, 1.0)
     hflip: float = 0.5
     auto_augment: Optional[str] = None
@@ -59,12 +64,12 @@ class DataConfig:
         self.validate()
 
     def validate(self) -> "DataConfig":
-        """Check every field; raise ``ValueError`` naming the key, the value and what is valid.
+        """Check every field; raise `ConfigError` (a ``ValueError``) naming the key, the value and what is valid.
 
         Returns:
             ``self``, so ``cfg.validate()`` can be chained.
         """
-        _check(self.source in SOURCES, "source", self.source, f"one of {', '.join(SOURCES)}")
+        check_choices(self, "data")  # source, interpolation
         _check(isinstance(self.path, str), "path", self.path, "a string (a directory)")
         for key in ("train_split", "val_split"):
             value = getattr(self, key)
@@ -73,8 +78,6 @@ class DataConfig:
         _check(_is_int(self.image_size) and self.image_size >= 8, "image_size", self.image_size, "an int >= 8")
         _check(_is_number(self.crop_pct) and 0.0 < self.crop_pct <= 1.0, "crop_pct", self.crop_pct,
                "a float in (0, 1], e.g. 0.875")
-        _check(self.interpolation in INTERPOLATIONS, "interpolation", self.interpolation,
-               f"one of {', '.join(INTERPOLATIONS)}")
         scale = tuple(self.scale) if isinstance(self.scale, (list, tuple)) else None
         _check(scale is not None and len(scale) == 2 and all(_is_number(s) for s in scale)
                and 0.0 < scale[0] <= scale[1] <= 1.0, "scale", self.scale,
@@ -99,7 +102,7 @@ class DataConfig:
 
 def _check(ok: bool, key: str, value: object, expected: str) -> None:
     if not ok:
-        raise ValueError(f"data.{key}={value!r} is not valid: expected {expected}")
+        raise ConfigError(f"data.{key}={value!r} is not valid: expected {expected}")
 
 
 def _is_int(value: object) -> bool:

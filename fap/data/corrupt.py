@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -56,8 +55,6 @@ __all__ = [
     "make_corrupted",
     "run",
 ]
-
-_logger = logging.getLogger(__name__)
 
 # The 15 ImageNet-C corruptions, in the paper's order (noise, blur, weather, digital).
 CORRUPTIONS: Tuple[str, ...] = (
@@ -205,6 +202,7 @@ def make_corrupted(
         image_size: Optional[int] = None,
         crop_pct: float = 0.875,
         jpeg_quality: int = 85,
+        per_class: Optional[int] = None,
         num_workers: Optional[int] = None,
         progress: bool = True,
 ) -> str:
@@ -222,6 +220,8 @@ def make_corrupted(
             images are corrupted at their own size (at least 32 px).
         crop_pct: see ``image_size``.
         jpeg_quality: quality of the written JPEGs (ImageNet-C: 85).
+        per_class: corrupt only the first N images of each class (in file-name order), for
+            a small copy; None = every image.
         num_workers: processes (0 = this process; None = one per CPU, at most 8).
         progress: show a progress bar.
 
@@ -232,6 +232,32 @@ def make_corrupted(
         FileExistsError: ``out`` holds something else.
         ValueError: bad settings, or a source image that cannot be used (named).
     """
+    corruptions, severities = _check_settings(corruptions, severities, image_size=image_size, crop_pct=crop_pct,
+                                              jpeg_quality=jpeg_quality, per_class=per_class)
+    src = os.path.abspath(os.path.expanduser(src))
+    out = os.path.abspath(os.path.expanduser(out))
+    pairs = _first_per_class(list_images(src), per_class)
+    names = _output_names(pairs)
+    settings = {
+        "format": FORMAT_VERSION, "src": src, "images": len(pairs), "corruptions": list(corruptions),
+        "severities": list(severities), "seed": int(seed), "image_size": image_size,
+        "crop_pct": float(crop_pct), "jpeg_quality": int(jpeg_quality), "package": _package_version(),
+    }
+    if per_class is not None:  # only when set: copies made before the option still match
+        settings["per_class"] = int(per_class)
+    if is_complete(out, settings, MARKER):
+        return out
+    if os.path.isdir(out) and os.listdir(out):
+        raise FileExistsError(f"{out} exists and is not a complete copy made with these settings (its {MARKER} "
+                              f"is missing or differs); delete it or choose another directory")
+    if os.path.commonpath([src, out]) == src:
+        raise ValueError(f"out={out} is inside src={src}; write the corrupted copy elsewhere")
+    _write_atomically(out, settings, pairs, names, num_workers=num_workers, progress=progress)
+    return out
+
+
+def _check_settings(corruptions, severities, *, image_size, crop_pct, jpeg_quality, per_class):
+    """`make_corrupted`'s settings, checked: ``(corruptions, sorted severities)`` as tuples."""
     corruptions = tuple(CORRUPTIONS if corruptions is None else corruptions)
     unknown = [c for c in corruptions if c not in ALL_CORRUPTIONS]
     if unknown or not corruptions:
@@ -246,28 +272,34 @@ def make_corrupted(
         raise ValueError(f"crop_pct={crop_pct}: expected a float in (0, 1]")
     if not 1 <= jpeg_quality <= 95:
         raise ValueError(f"jpeg_quality={jpeg_quality}: expected an int in 1..95")
-    src = os.path.abspath(os.path.expanduser(src))
-    out = os.path.abspath(os.path.expanduser(out))
-    pairs = list_images(src)
-    names = _output_names(pairs)
-    settings = {
-        "format": FORMAT_VERSION, "src": src, "images": len(pairs), "corruptions": list(corruptions),
-        "severities": list(severities), "seed": int(seed), "image_size": image_size,
-        "crop_pct": float(crop_pct), "jpeg_quality": int(jpeg_quality), "package": _package_version(),
-    }
-    if is_complete(out, settings, MARKER):
-        return out
-    if os.path.isdir(out) and os.listdir(out):
-        raise FileExistsError(f"{out} exists and is not a complete copy made with these settings (its {MARKER} "
-                              f"is missing or differs); delete it or choose another directory")
-    if os.path.commonpath([src, out]) == src:
-        raise ValueError(f"out={out} is inside src={src}; write the corrupted copy elsewhere")
+    if per_class is not None and not (isinstance(per_class, int) and per_class >= 1):
+        raise ValueError(f"per_class={per_class!r}: expected None (every image) or an int >= 1")
+    return corruptions, severities
+
+
+def _first_per_class(pairs: List[Tuple[str, str]], per_class: Optional[int]) -> List[Tuple[str, str]]:
+    """The first ``per_class`` of each class's ``(class, path)`` pairs (all when None), in order."""
+    if per_class is None:
+        return pairs
+    taken: Dict[str, int] = {}
+    kept = []
+    for cls, path in pairs:
+        if taken.get(cls, 0) < per_class:
+            taken[cls] = taken.get(cls, 0) + 1
+            kept.append((cls, path))
+    return kept
+
+
+def _write_atomically(out: str, settings: Dict, pairs: List[Tuple[str, str]], names: List[str], *,
+                      num_workers: Optional[int], progress: bool) -> None:
+    """Write every (corruption, severity) set into a hidden sibling of ``out``, mark it complete,
+    then move it into place."""
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        jobs = [(c, s, tmp, pairs, names, settings) for c in corruptions for s in severities]
+        jobs = [(c, s, tmp, pairs, names, settings) for c in settings["corruptions"] for s in settings["severities"]]
         _run_jobs(jobs, num_workers=num_workers, progress=progress)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(settings, f, indent=1, sort_keys=True)
@@ -275,7 +307,6 @@ def make_corrupted(
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _package_version() -> str:
@@ -366,6 +397,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(224 with the default crop 0.875 gives its 256/224); default: keep each image's size")
     parser.add_argument("--crop-pct", type=float, default=0.875, help="see --image-size (default: 0.875)")
     parser.add_argument("--jpeg-quality", type=int, default=85, help="JPEG quality (ImageNet-C: 85, the default)")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="corrupt only the first N images of each class, for a small copy (default: all)")
     parser.add_argument("--num-workers", type=int, default=None, help="processes (default: one per CPU, at most 8)")
 
 
@@ -385,7 +418,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--severities={args.severities!r}: expected comma-separated ints in 1..5")
     out = make_corrupted(args.src, args.out, corruptions=_parse_corruptions(args.corruptions),
                          severities=severities, seed=args.seed, image_size=args.image_size,
-                         crop_pct=args.crop_pct, jpeg_quality=args.jpeg_quality, num_workers=args.num_workers)
+                         crop_pct=args.crop_pct, jpeg_quality=args.jpeg_quality, per_class=args.per_class,
+                         num_workers=args.num_workers)
     print(f"corrupted copy ready in {out} (<corruption>/<severity>/<class>/<image>.jpg); evaluate on it with "
           f"fap eval MODEL --suite imagenet_c={out}")
     return 0

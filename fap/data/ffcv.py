@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from torch.utils.data import DistributedSampler
 
-from fap.data.base import SKIP_HINT, DataError
+from fap.data.base import SKIP_HINT, DataError, DataNotFoundError
 
 __all__ = [
     "CLASSES_FILE",
@@ -75,12 +75,12 @@ def import_ffcv():
 def beton_path(root: str, split: str) -> str:
     """``root/<split>.beton``, checked to exist."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data.path={root!r}: no such directory; expected a directory holding "
+        raise DataNotFoundError(f"data.path={root!r}: no such directory; expected a directory holding "
                                 f"<split>.beton files (write them with `fap data to-beton SRC {root}`)")
     path = os.path.join(root, f"{split}.beton")
     if not os.path.isfile(path):
         present = sorted(f[:-6] for f in os.listdir(root) if f.endswith(".beton"))
-        raise FileNotFoundError(f"{path}: no such file; splits in {root}: {present or 'none'}. Write it with "
+        raise DataNotFoundError(f"{path}: no such file; splits in {root}: {present or 'none'}. Write it with "
                                 f"`fap data to-beton SRC {root}` or set data.train_split / data.val_split")
     return path
 

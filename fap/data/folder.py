@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torchvision.datasets import DatasetFolder
 
-from fap.data.base import IMAGE_EXTENSIONS, SKIP_HINT, DataError, SkipCounter, decode_rgb
+from fap.data.base import IMAGE_EXTENSIONS, SKIP_HINT, DataError, DataNotFoundError, SkipCounter, decode_rgb
 from fap.data.seeding import SampleSeeds
 
 __all__ = ["FolderDataset", "SplitListing", "check_same_classes", "find_classes", "scan_split", "split_dir"]
@@ -36,15 +36,16 @@ def split_dir(root: str, split: str) -> str:
     """``root/split``, checked to exist.
 
     Raises:
-        FileNotFoundError: naming the missing folder and the splits that do exist.
+        DataNotFoundError: (a ``FileNotFoundError``) naming the missing folder and the splits
+            that do exist.
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data.path={root!r}: no such directory; point data.path at the folder "
+        raise DataNotFoundError(f"data.path={root!r}: no such directory; point data.path at the folder "
                                 f"holding the split folders (e.g. train/ and val/)")
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         present = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        raise FileNotFoundError(f"{path}: no such split folder; folders in {root}: {present or 'none'}. "
+        raise DataNotFoundError(f"{path}: no such split folder; folders in {root}: {present or 'none'}. "
                                 f"Set data.train_split / data.val_split to one of them")
     return path
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from datasets.data_files import SPLIT_KEYWORDS, get_data_patterns
 
-from fap.data.base import DataError, SkipCounter, decode_rgb
+from fap.data.base import DataError, DataNotFoundError, SkipCounter, decode_rgb
 from fap.data.folder import FolderDataset, apply_transform, split_dir
 from fap.data.seeding import SampleSeeds
 
@@ -48,10 +48,10 @@ def detect_layout(path: str) -> str:
     """Which kind of HF dataset directory ``path`` is: ``"disk"``, ``"parquet"``, ``"arrow"`` or ``"imagefolder"``.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        DataNotFoundError: ``path`` does not exist.
     """
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"data.path={path!r}: no such directory (expected an HF dataset directory: "
+        raise DataNotFoundError(f"data.path={path!r}: no such directory (expected an HF dataset directory: "
                                 f"save_to_disk output, parquet/arrow files, or an image folder)")
     if _is_saved(path) or any(_is_saved(os.path.join(path, e.name)) for e in os.scandir(path) if e.is_dir()):
         return "disk"

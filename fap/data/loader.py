@@ -21,7 +21,8 @@ from typing import List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from fap.data.base import DataError, collate_uint8
+from fap.checks import ConfigError
+from fap.data.base import DataError, DataNotFoundError, collate_uint8
 from fap.data.config import DataConfig
 from fap.data.seeding import SampleSeeds
 from fap.data.transforms import build_transform
@@ -141,7 +142,7 @@ def class_names(cfg: DataConfig) -> List[str]:
 def _root(cfg: DataConfig) -> str:
     """The dataset root, checked; for the demo source, made on first use."""
     if not cfg.path:
-        raise ValueError(f"data.path is empty: set it to the dataset directory for source={cfg.source!r}"
+        raise ConfigError(f"data.path is empty: set it to the dataset directory for source={cfg.source!r}"
                          + (" (the demo is created there on first use)" if cfg.source == "demo" else ""))
     root = os.path.expanduser(cfg.path)
     if cfg.source == "demo":
@@ -150,7 +151,8 @@ def _root(cfg: DataConfig) -> str:
         if not is_demo(root):  # a complete demo made with other settings is used as it is
             make_demo(root)
     elif not os.path.exists(root):
-        raise FileNotFoundError(f"data.path={cfg.path!r}: no such directory")
+        raise DataNotFoundError(f"data.path={cfg.path!r}: no such directory; point data.path at the dataset "
+                                f"for source={cfg.source!r} (see fap.data.DataConfig)")
     return root
 
 

@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
-from fap.attacks import ADVPROP_RANDOM_INIT_PROB, check_epsilon, pgd
-from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_images, check_norms, NORM_MODES, Norms
+from fap.attacks import ADVPROP_RANDOM_INIT_PROB, pgd
+from fap.checks import ConfigError
+from fap.methods.base import (Method, MethodConfig, Norms, StepCost, branch_metrics, ce_sum, check_attack,
+                              check_images, check_norms)
 from fap.norm import route, split_route
 
 __all__ = ["AdvProp", "AdvPropConfig"]
 
 
 @dataclass(frozen=True)
-class AdvPropConfig:
+class AdvPropConfig(MethodConfig):
     """Args:
         epsilon: L∞ budget in 1/255 units (AdvProp uses 1–4 by model size).
         attack_steps: K, PGD iterations (the original implementation's default is 5).
@@ -50,30 +52,25 @@ class AdvPropConfig:
     step: Optional[float] = None
     targeted: bool = True
     random_init_prob: float = ADVPROP_RANDOM_INIT_PROB
-    attack_bn_mode: str = "eval"
+    attack_bn_mode: Literal["eval", "train"] = "eval"
     norms: Norms = "dual"
     label_smoothing: float = 0.0
     num_classes: Optional[int] = None
+
+    def validate(self, *, model_dual_norm: Optional[bool] = None, mixup_enabled: bool = False) -> "AdvPropConfig":
+        """`MethodConfig.validate`, plus the attack's switches; Mixup is refused."""
+        super().validate(model_dual_norm=model_dual_norm, mixup_enabled=mixup_enabled)
+        check_attack(self)
+        if mixup_enabled:
+            raise ConfigError("mixup is enabled but method 'advprop' pairs each clean image with its "
+                              "adversarial copy, which Mixup/CutMix would break; use fast_advprop or vanilla")
+        return self
 
 
 class AdvProp(Method):
     name = "advprop"
     branches = ("clean", "adversarial")
     config_cls = AdvPropConfig
-
-    def validate(self) -> None:
-        c = self.config
-        check_epsilon(c.epsilon)
-        if c.step is not None:
-            check_epsilon(c.step, "step")
-        if not isinstance(c.attack_steps, int) or c.attack_steps < 1:
-            raise ValueError(f"attack_steps (K) must be an int >= 1, got {c.attack_steps!r}")
-        if c.attack_bn_mode not in ("eval", "train"):
-            raise ValueError(f"attack_bn_mode must be 'eval' or 'train', got {c.attack_bn_mode!r}")
-        if not 0.0 <= c.random_init_prob <= 1.0:
-            raise ValueError(f"random_init_prob must be in [0, 1], got {c.random_init_prob}")
-        if c.norms not in NORM_MODES:
-            raise ValueError(f"norms must be one of {', '.join(NORM_MODES)}, got {c.norms!r}")
 
     def split(self, batch_size: int):
         return batch_size, batch_size  # every image has an adversarial copy

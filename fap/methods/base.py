@@ -11,6 +11,7 @@ engine, Accelerate or precision.
 from __future__ import annotations
 
 import contextlib
+import typing
 from dataclasses import dataclass, fields
 from typing import Callable, ContextManager, Dict, Literal, Optional, Tuple, Union
 
@@ -18,10 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fap.attacks import check_epsilon
+from fap.checks import ConfigError, check_choices, require
 from fap.norm import dual_norm_modules, ghost_groups_fit, has_dual_norm
 
 __all__ = [
     "Method",
+    "MethodConfig",
     "StepCost",
     "ce_sum",
     "correct",
@@ -35,7 +39,7 @@ NoSync = Callable[[], ContextManager]
 MixupFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 Norms = Literal["dual", "shared", "mixed"]
-NORM_MODES: Tuple[str, ...] = ("dual", "shared", "mixed")
+NORM_MODES: Tuple[str, ...] = typing.get_args(Norms)
 """What is normalised together (AdvProp, Xie et al., Sec. 4.2, and its "vanilla
 adversarial training" baseline):
 
@@ -92,6 +96,56 @@ class StepCost:
         }
 
 
+class MethodConfig:
+    """Base of the method configs (the ``method`` section of a run): a config checks itself.
+
+    `fap.config.validate` calls ``cfg.method.validate(model_dual_norm=..., mixup_enabled=...)``
+    for whichever method is set, so the rules of a method live with its switches; a method
+    built on its own (`Method.__init__`) calls it without the run's other sections.
+    Subclasses are frozen dataclasses; they extend `validate` with their own rules and call
+    ``super().validate(...)`` first.
+    """
+
+    def validate(self, *, model_dual_norm: Optional[bool] = None, mixup_enabled: bool = False) -> "MethodConfig":
+        """Check the switches, alone and against the run's other sections.
+
+        Args:
+            model_dual_norm: whether the model has auxiliary norms (``model.dual_norm``);
+                None (a method built without a run) skips the check against ``norms``.
+            mixup_enabled: whether the run applies Mixup/CutMix (``mixup.enabled``).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ConfigError: naming ``method.KEY``, the value and what is valid.
+        """
+        check_choices(self, "method")
+        label_smoothing = getattr(self, "label_smoothing", 0.0)
+        require(0.0 <= label_smoothing < 1.0, "method.label_smoothing", label_smoothing, "a number in [0, 1)")
+        norms = getattr(self, "norms", None)
+        if norms is not None and model_dual_norm is not None and (norms == "dual") != model_dual_norm:
+            raise ConfigError(
+                f"method.norms={norms!r} but model.dual_norm={model_dual_norm}: norms='dual' needs "
+                "model.dual_norm=true, 'shared' and 'mixed' need model.dual_norm=false")
+        return self
+
+
+def check_attack(cfg: MethodConfig) -> None:
+    """The attack switches AdvProp and Fast AdvProp share: ε, step, K and the random start."""
+    for key in ("epsilon", "step"):
+        value = getattr(cfg, key)
+        if value is not None:
+            try:
+                check_epsilon(value, f"method.{key}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    require(isinstance(cfg.attack_steps, int) and cfg.attack_steps >= 1, "method.attack_steps",
+            cfg.attack_steps, "an int >= 1 (K, attack iterations)")
+    require(0.0 <= cfg.random_init_prob <= 1.0, "method.random_init_prob", cfg.random_init_prob,
+            "a probability in [0, 1]")
+
+
 def check_norms(model: nn.Module, norms: str, method: str) -> None:
     """The method's ``norms`` mode must be known and match how the model was built:
     ``dual`` needs auxiliary norms, ``shared`` and ``mixed`` need a model without them."""
@@ -133,7 +187,8 @@ class Method:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError for inconsistent switches."""
+        """Raise `ConfigError` (a ``ValueError``) for inconsistent switches (`MethodConfig.validate`)."""
+        self.config.validate(mixup_enabled=self.mixup_fn is not None)
 
     def cost(self, batch_size: int) -> StepCost:
         """Forward/backward passes and image-passes of one step on a loader batch."""

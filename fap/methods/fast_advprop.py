@@ -34,23 +34,10 @@ rank has the same ``B_c`` and ``B_a`` and the mean over ranks is the global norm
 
 ``fused=True`` runs the clean and the first noisy pass as one forward/backward with split
 routing (first B_c rows main, rest aux); the gradients are the same as the three-pass form.
-It is *slower* than the three-pass form on CPU, measured (`fap bench`, 1 thread, ResNet-18
-with widths 32-256, 48 px, paired medians of 5 interleaved rounds): 1.54× vanilla against
-1.38× for three passes at loader batch 100, 1.54× against 1.37× at 160, 1.56× against
-1.30× at 320. Two costs, the first one fundamental:
-
-* the input gradient. The attack needs ∂loss/∂x of the noisy rows, but in one batched
-  forward autograd computes the first layer's input gradient for *every* row. That
-  gradient is costly here: oneDNN's backward-data of ResNet's 3→64 7×7 stride-2 stem took
-  0.57 ms per image, about 20 % of a whole vanilla forward+backward per image (backward
-  of that step: 146 ms without the input gradient, 203 ms with it, B = 100). Fused pays it
-  for B_c + B_a rows, three-pass for B_a;
-* split routing: every norm layer splits its input and concatenates its two outputs,
-  about 3 % of the pass (+9 ms on 255 ms).
-
-Saving one pass's fixed overhead does not make up for either on CPU. Where per-pass
-overhead dominates (kernel launches at small per-GPU batches) fused may win; it has not
-been measured on a GPU here. Three-pass is the default.
+It is slower on a CPU: one batched pass computes the first layer's input gradient for
+every row, not only the B_a the attack needs, and split routing costs each norm layer a
+split and a concatenation (measurements: ``benchmarks/results/README.md``). Three-pass is
+the default.
 """
 from __future__ import annotations
 
@@ -58,13 +45,15 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from fap.attacks import check_epsilon, random_start, sign_step
-from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_images, check_norms, NORM_MODES, Norms
+from fap.attacks import random_start, sign_step
+from fap.checks import ConfigError, require
+from fap.methods.base import (Method, MethodConfig, Norms, StepCost, branch_metrics, ce_sum, check_attack,
+                              check_images, check_norms)
 from fap.norm import dual_norm_modules, has_batch_norm, route, set_grad_scale, split_route
 
 __all__ = [
@@ -77,7 +66,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class FastAdvPropConfig:
+class FastAdvPropConfig(MethodConfig):
     """Every switch of the paper's ablations.
 
     Args:
@@ -108,13 +97,29 @@ class FastAdvPropConfig:
     attack_steps: int = 1
     beta: float = 0.5
     random_init_prob: float = 1.0
-    random_init_per: str = "sample"
+    random_init_per: Literal["sample", "batch"] = "sample"
     reuse: bool = True
     per_group_normalization: bool = True
     shuffle: bool = True
     norms: Norms = "dual"
     fused: bool = False
     label_smoothing: float = 0.0
+
+    def validate(self, *, model_dual_norm: Optional[bool] = None,
+                 mixup_enabled: bool = False) -> "FastAdvPropConfig":
+        """`MethodConfig.validate`, plus the split, the attack and the fused pass."""
+        super().validate(model_dual_norm=model_dual_norm, mixup_enabled=mixup_enabled)
+        require(0.0 < self.p_adv < 1.0, "method.p_adv", self.p_adv,
+                "a number in (0, 1), the adversarial fraction of the batch (e.g. 0.2)")
+        check_attack(self)
+        require(self.beta > 0, "method.beta", self.beta,
+                "a number > 0 (the attack gradient comes from the beta-weighted loss)")
+        if self.fused and self.norms != "dual":
+            raise ConfigError(f"method.fused=True needs method.norms='dual', got norms={self.norms!r}: with one "
+                              "set of BatchNorm the fused pass would mix clean and noisy batch statistics")
+        if self.fused and not self.reuse:
+            raise ConfigError("method.fused=True needs method.reuse=True: the fused backward trains on the noisy pass")
+        return self
 
 
 def split_sizes(batch_size: int, p_adv: float) -> Tuple[int, int]:
@@ -174,30 +179,6 @@ class FastAdvProp(Method):
     name = "fast_advprop"
     branches = ("clean", "noisy", "adversarial")
     config_cls = FastAdvPropConfig
-    _warned_noop_shuffle = False
-
-    def validate(self) -> None:
-        c = self.config
-        if not 0.0 < c.p_adv < 1.0:
-            raise ValueError(f"p_adv must be in (0, 1), got {c.p_adv}")
-        check_epsilon(c.epsilon)
-        if c.step is not None:
-            check_epsilon(c.step, "step")
-        if not isinstance(c.attack_steps, int) or c.attack_steps < 1:
-            raise ValueError(f"attack_steps (K) must be an int >= 1, got {c.attack_steps!r}")
-        if not c.beta > 0:
-            raise ValueError(f"beta must be > 0 (the attack gradient comes from the β-weighted loss), got {c.beta}")
-        if not 0.0 <= c.random_init_prob <= 1.0:
-            raise ValueError(f"random_init_prob must be in [0, 1], got {c.random_init_prob}")
-        if c.random_init_per not in ("sample", "batch"):
-            raise ValueError(f"random_init_per must be 'sample' or 'batch', got {c.random_init_per!r}")
-        if c.norms not in NORM_MODES:
-            raise ValueError(f"norms must be one of {', '.join(NORM_MODES)}, got {c.norms!r}")
-        if c.fused and c.norms != "dual":
-            raise ValueError(f"fused=True needs norms='dual', got norms={c.norms!r}: with one set of "
-                             "BatchNorm the fused pass would mix clean and noisy batch statistics")
-        if c.fused and not c.reuse:
-            raise ValueError("fused=True needs reuse=True: the fused backward trains on the noisy pass")
 
     # -- bookkeeping -----------------------------------------------------------------
     def weights(self, b_c: int, b_a: int) -> Dict[str, float]:
@@ -323,13 +304,12 @@ class FastAdvProp(Method):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         total_groups = world * local_groups
         if total_groups < 2:
-            if not FastAdvProp._warned_noop_shuffle:
-                warnings.warn(
-                    "Shuffling BN is a no-op with a single BN group (one process, aux_group_size "
-                    f"None or >= B_a={b_a}); set aux_group_size (e.g. 16) to emulate per-GPU BN groups",
-                    stacklevel=3,
-                )
-                FastAdvProp._warned_noop_shuffle = True
+            # Once per calling location and B_a: the warnings module's default filter.
+            warnings.warn(
+                "Shuffling BN is a no-op with a single BN group (one process, aux_group_size "
+                f"None or >= B_a={b_a}); set aux_group_size (e.g. 16) to emulate per-GPU BN groups",
+                stacklevel=3,
+            )
             return x_adv, y
         if world == 1:
             perm = group_changing_permutation(total_groups, group_size).to(x_adv.device)

@@ -8,14 +8,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from fap.methods.base import Method, StepCost, branch_metrics, ce_sum, check_images
+from fap.methods.base import Method, MethodConfig, StepCost, branch_metrics, ce_sum, check_images
 from fap.norm import route
 
 __all__ = ["Vanilla", "VanillaConfig"]
 
 
 @dataclass(frozen=True)
-class VanillaConfig:
+class VanillaConfig(MethodConfig):
     """Args:
         label_smoothing: label smoothing of the cross-entropy (ignored under Mixup,
             whose targets carry their own smoothing).
@@ -26,10 +26,6 @@ class VanillaConfig:
 class Vanilla(Method):
     name = "vanilla"
     config_cls = VanillaConfig
-
-    def validate(self) -> None:
-        if not 0.0 <= self.config.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.config.label_smoothing}")
 
     def cost(self, batch_size: int) -> StepCost:
         return StepCost(forward=1, backward=1, image_passes=batch_size, vanilla=batch_size)
