@@ -52,7 +52,7 @@ __all__ = [
     "FOLDER_SETS",
     "SuiteConfig",
     "add_arguments",
-    "evaluate",
+    "evaluate_model",
     "flatten",
     "format_markdown",
     "run",
@@ -375,7 +375,7 @@ def _imagenet_c(context: _Context, root: str, clean_error: Optional[float]) -> D
 # Python entry point
 # --------------------------------------------------------------------------------------
 
-def evaluate(
+def evaluate_model(
         model: Union[str, nn.Module, LoadedModel],
         suite: Optional[SuiteConfig] = None,
         *,
@@ -527,7 +527,7 @@ def _run(args: argparse.Namespace) -> int:
                           interpolation=args.interpolation or info.interpolation or DEFAULT_INTERPOLATION,
                           num_workers=args.num_workers)
     out = args.out or f"eval-{os.path.basename(os.path.normpath(args.model))}"
-    results = evaluate(info, suite, data=data, classes=args.classes, accelerator=accelerator, out_dir=out,
+    results = evaluate_model(info, suite, data=data, classes=args.classes, accelerator=accelerator, out_dir=out,
                        branch=args.branch)
     if accelerator.is_main_process:
         print(format_markdown(results))

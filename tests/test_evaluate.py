@@ -18,7 +18,7 @@ from helpers_engine import accelerate_cmd, clean_env, run
 from fap.attacks import pgd
 from fap.data import DataConfig, DataError, make_demo
 from fap.data.corrupt import CORRUPTIONS, make_corrupted
-from fap.evaluate import SuiteConfig, evaluate, flatten, format_markdown
+from fap.evaluate import SuiteConfig, evaluate_model, flatten, format_markdown
 from fap.evaluation.loading import WeightsError, load_model
 from fap.models import PixelModel, create_model
 
@@ -94,7 +94,7 @@ def _top1_hits(model, x, y):
 
 def test_suite_on_demo_and_demo_c_matches_direct_computation(demo, demo_c, export, tmp_path):
     suite = SuiteConfig(clean=True, imagenet_c=demo_c, pgd_steps=2, pgd_epsilon=2.0, batch_size=20, num_workers=0)
-    res = evaluate(export, suite, data=DataConfig(path=demo, image_size=SIZE, crop_pct=0.875), out_dir=str(tmp_path))
+    res = evaluate_model(export, suite, data=DataConfig(path=demo, image_size=SIZE, crop_pct=0.875), out_dir=str(tmp_path))
     sets = res["sets"]
     ref = _reference_model(export)
     classes = sorted(os.listdir(os.path.join(demo, "val")))
@@ -186,24 +186,24 @@ def test_bad_input_names_the_file_key_and_value(demo, demo_c, export, tmp_path, 
     # a set whose classes are not the model's
     stray = _tiny_folder(tmp_path / "sketch", ["arrow", "zebra"])
     with pytest.raises(DataError, match=r"sketch: class folders 'zebra' are not classes of the model.*'arrow'"):
-        evaluate(export, SuiteConfig(**{**vars(suite), "sketch": stray}), classes=classes)
+        evaluate_model(export, SuiteConfig(**{**vars(suite), "sketch": stray}), classes=classes)
     # the clean split itself with a foreign class, and without class names the count decides
     shutil.copytree(os.path.join(demo, "val"), tmp_path / "data" / "val")
     os.rename(tmp_path / "data" / "val" / "star", tmp_path / "data" / "val" / "starfish")
     with pytest.raises(DataError, match=r"data/val: class folders 'starfish' are not classes of the model"):
-        evaluate(export, SuiteConfig(batch_size=8, num_workers=0), data=DataConfig(path=str(tmp_path / "data")),
+        evaluate_model(export, SuiteConfig(batch_size=8, num_workers=0), data=DataConfig(path=str(tmp_path / "data")),
                  classes=classes)
     with pytest.raises(DataError, match=r"sketch: cannot tell which model outputs its 2 class folders .* --classes"):
-        evaluate(export, SuiteConfig(**{**vars(suite), "sketch": stray}))
+        evaluate_model(export, SuiteConfig(**{**vars(suite), "sketch": stray}))
     # ImageNet-C with a missing severity
     broken = tmp_path / "broken-c"
     shutil.copytree(os.path.join(demo_c, "fog"), broken / "fog")
     shutil.rmtree(broken / "fog" / "3")
     with pytest.raises(DataError, match=r"broken-c/fog: missing severity folder\(s\) 3\. .*1, 2, 3, 4, 5"):
-        evaluate(export, SuiteConfig(**{**vars(suite), "imagenet_c": str(broken)}))
+        evaluate_model(export, SuiteConfig(**{**vars(suite), "imagenet_c": str(broken)}))
     (broken / "fgo").mkdir()
     with pytest.raises(DataError, match=r"folders 'fgo' are not ImageNet-C corruptions"):
-        evaluate(export, SuiteConfig(**{**vars(suite), "imagenet_c": str(broken)}))
+        evaluate_model(export, SuiteConfig(**{**vars(suite), "imagenet_c": str(broken)}))
     # an export whose config names another architecture than its weights are
     wrong = tmp_path / "wrong-export"
     shutil.copytree(export, wrong)
@@ -231,7 +231,7 @@ def test_bad_input_names_the_file_key_and_value(demo, demo_c, export, tmp_path, 
     with pytest.raises(ValueError, match=r"suite\.pgd_random_init_prob=2 is not valid"):
         SuiteConfig(pgd_random_init_prob=2).validate()
     with pytest.raises(ValueError, match=r"pass data=DataConfig"):
-        evaluate(export, SuiteConfig(clean=True))
+        evaluate_model(export, SuiteConfig(clean=True))
 
 
 def test_in_python_model_and_safetensors_file_with_metadata(demo, export, tmp_path):
@@ -242,11 +242,11 @@ def test_in_python_model_and_safetensors_file_with_metadata(demo, export, tmp_pa
     save_file(weights, str(path), metadata={"architecture": "resnet18", "num_classes": "10"})
     data = DataConfig(path=demo, image_size=SIZE)
     suite = SuiteConfig(batch_size=8, num_workers=0)
-    from_file = evaluate(str(path), suite, data=data)
+    from_file = evaluate_model(str(path), suite, data=data)
     module = create_model("resnet18", num_classes=10, dual_norm=True)  # a training model: dual norms
     missing, unexpected = module.net.load_state_dict(weights, strict=False)
     assert not unexpected and missing and all(".aux_norm." in k for k in missing)
-    from_module = evaluate(module, suite, data=data)
+    from_module = evaluate_model(module, suite, data=data)
     assert from_file["sets"] == from_module["sets"]
     assert from_file["sets"]["clean"]["images"] == 20
 
@@ -281,7 +281,7 @@ def test_presharded_loader_counts_each_sample_once():
 
 def test_clean_split_from_hf_datasets_equals_the_folder(demo, export, data_hf_offline):
     suite = SuiteConfig(batch_size=8, num_workers=0)
-    by_source = {src: evaluate(export, suite, data=DataConfig(source=src, path=demo, image_size=SIZE, num_workers=0))
+    by_source = {src: evaluate_model(export, suite, data=DataConfig(source=src, path=demo, image_size=SIZE, num_workers=0))
                  for src in ("hf", "folder")}
     hf, folder = (by_source[s]["sets"]["clean"] for s in ("hf", "folder"))
     assert (hf["images"], hf["top1"], hf["top5"]) == (folder["images"], folder["top1"], folder["top5"]) == \
@@ -306,7 +306,7 @@ def test_checkpoint_run_directory_evaluates_like_its_export(demo, export, tmp_pa
     assert loaded.classes == sorted(os.listdir(os.path.join(demo, "train"))) and loaded.image_size == SIZE
     suite = SuiteConfig(batch_size=20, num_workers=0)
     data = DataConfig(path=demo, image_size=SIZE)
-    assert evaluate(loaded, suite, data=data)["sets"] == evaluate(export, suite, data=data)["sets"]
+    assert evaluate_model(loaded, suite, data=data)["sets"] == evaluate_model(export, suite, data=data)["sets"]
     with pytest.raises(FileNotFoundError, match=r"nor a complete checkpoint or run directory"):
         load_model(str(tmp_path))
 
@@ -340,9 +340,9 @@ def test_auxiliary_branch_from_a_checkpoint_equals_the_routed_model(demo, export
     save_checkpoint(accelerator, tmp_path / "run", TrainState(step=3), marker)
     suite = SuiteConfig(batch_size=20, num_workers=0, pgd_steps=1, pgd_epsilon=2.0, pgd_random_init_prob=1.0)
     data = DataConfig(path=demo, image_size=SIZE)
-    from_checkpoint = evaluate(str(tmp_path / "run"), suite, data=data, branch="aux")
-    from_module = evaluate(prepared, suite, data=data, branch="aux")
-    main_branch = evaluate(str(tmp_path / "run"), suite, data=data)
+    from_checkpoint = evaluate_model(str(tmp_path / "run"), suite, data=data, branch="aux")
+    from_module = evaluate_model(prepared, suite, data=data, branch="aux")
+    main_branch = evaluate_model(str(tmp_path / "run"), suite, data=data)
     assert from_checkpoint["sets"] == from_module["sets"] and from_checkpoint["branch"] == "aux"
     assert from_checkpoint["sets"] != main_branch["sets"]
     assert main(["eval", str(tmp_path / "run"), "--suite", "clean", "--data", demo, "--branch", "aux",
@@ -353,4 +353,4 @@ def test_auxiliary_branch_from_a_checkpoint_equals_the_routed_model(demo, export
     assert main(["eval", export, "--suite", "clean", "--data", demo, "--branch", "aux"]) == 2
     assert "model.safetensors: branch 'aux': these weights have no auxiliary norms" in capsys.readouterr().err
     with pytest.raises(ValueError, match="branch='aux' needs a model with auxiliary norms"):
-        evaluate(plain, suite, data=data, branch="aux")
+        evaluate_model(plain, suite, data=data, branch="aux")

@@ -12,7 +12,7 @@ from torchvision import transforms
 
 from fap.data import DataError
 from fap.data.class_subsets import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS, subset_indices
-from fap.evaluate import SuiteConfig, evaluate
+from fap.evaluate import SuiteConfig, evaluate_model
 from fap.evaluation.folders import align_classes
 from fap.evaluation.metrics import topk_correct, topk_predictions
 from fap.models import create_model
@@ -92,7 +92,7 @@ def test_imagenet_r_and_a_mask_logits_end_to_end(tmp_path):
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=1000, dual_norm=False).eval()
     suite = SuiteConfig(clean=False, imagenet_r=r_root, imagenet_a=a_root, image_size=32, batch_size=4, num_workers=0)
-    sets = evaluate(model, suite)["sets"]
+    sets = evaluate_model(model, suite)["sets"]
     tf = transforms.Compose([transforms.Resize(math.floor(32 / 0.875)), transforms.CenterCrop(32),
                              transforms.ToTensor()])
     for key, root, wnids, indices in (("imagenet_r", r_root, r_wnids, R_INDICES),
@@ -109,13 +109,13 @@ def test_imagenet_r_and_a_mask_logits_end_to_end(tmp_path):
     # a folder with a class outside the subset
     _wnid_folder(tmp_path / "r", ["n01440764"])  # tench: an ImageNet-1k class, not an ImageNet-R one
     with pytest.raises(DataError, match=r"class folders 'n01440764' are not ImageNet-R classes"):
-        evaluate(model, suite)
+        evaluate_model(model, suite)
     # a model that was not trained on the ImageNet-1k classes
     small = create_model("resnet18", num_classes=10, dual_norm=False)
     with pytest.raises(ValueError, match=r"masked to its 200 classes, which needs the model's class names"):
-        evaluate(small, SuiteConfig(clean=False, imagenet_a=a_root, num_workers=0))
+        evaluate_model(small, SuiteConfig(clean=False, imagenet_a=a_root, num_workers=0))
     with pytest.raises(ValueError, match=r"ImageNet-A needs a model whose classes include its 200 WordNet ids"):
-        evaluate(small, SuiteConfig(clean=False, imagenet_a=a_root, num_workers=0), classes=[str(i) for i in range(10)])
+        evaluate_model(small, SuiteConfig(clean=False, imagenet_a=a_root, num_workers=0), classes=[str(i) for i in range(10)])
 
 
 def test_folder_to_label_alignment_rules():

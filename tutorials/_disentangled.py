@@ -13,7 +13,7 @@ training"; Mei et al., ICLR 2022, Table 1 and the robustness columns of Table 2)
   image trains ``EPOCHS / 1.2`` epochs);
 * for every run: clean top-1 on the validation set, the corruption error on a corrupted copy
   of it, and top-1 under PGD-5; for dual-norm runs also clean and adversarial top-1 through
-  each branch (`fap.evaluate(..., branch=...)`).
+  each branch (`fap.evaluate.evaluate_model(..., branch=...)`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import numpy as np
 import fap
 from fap.config import to_dict
 from fap.data import DataConfig
-from fap.evaluate import SuiteConfig, evaluate
+from fap.evaluate import SuiteConfig, evaluate_model
 from fap.methods import CONFIGS, build_method
 
 EPSILON = 8.0          # training attack budget, in 1/255 pixel units, for every adversarial arm
@@ -200,7 +200,7 @@ def branch_table(run_dir: str, data: DataConfig, images: int) -> Dict[str, float
                         pgd_max_images=images, batch_size=250, num_workers=0)
     out = {}
     for branch in ("main", "aux"):
-        sets = evaluate(run_dir, suite, data=data, branch=branch)["sets"]
+        sets = evaluate_model(run_dir, suite, data=data, branch=branch)["sets"]
         out[f"clean_{branch}"] = sets["clean"]["top1"]
         out[f"adversarial_{branch}"] = sets["adversarial"]["top1"]
     return out

@@ -15,7 +15,6 @@ decides how it runs on the hardware and everything around it. Its parts, in read
 """
 from __future__ import annotations
 
-import sys
 from typing import List, Optional
 
 from fap.engine.loop import train
@@ -29,9 +28,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     """``python -m fap.engine --section.key=value ...``: train from the default config plus overrides.
 
     Recipes (``recipes/*.py``) are the usual entry point; this runs any config without one,
-    e.g. ``accelerate launch -m fap.engine --data.source=demo --data.path=data/demo``.
+    e.g. ``accelerate launch -m fap.engine --data.source=demo --data.path=data/demo``. A
+    mistake in the config, data or checkpoint is one or two lines and exit status 2
+    (`fap.cli.train_cli`; ``--debug`` shows the traceback).
     """
-    from fap.config import TrainConfig, parse_args
+    from fap.cli import train_cli
+    from fap.config import TrainConfig
 
-    train(parse_args(TrainConfig(), argv))
-    return 0
+    return train_cli(TrainConfig(), argv, prog="python -m fap.engine")
