@@ -19,8 +19,8 @@ ICLR 2022 normalise per parameter group, which the comparison checks group by gr
   each parameter to a multiple of the world size: +0.4 % on the ViT); the per-backward
   path would be 3x. One process reduces nothing.
 
-The default run keeps a diagonal that touches every backend, both models and both
-precisions; the rest is ``slow`` (``make test-slow``).
+The default run (``make test``, CI) keeps a diagonal that touches every backend, both models
+and both precisions; the rest is marked ``slow`` and ``matrix`` (``make test-slow``).
 """
 import json
 import sys
@@ -53,7 +53,7 @@ def _cases():
                     if method.endswith("shuffle") and model == "vit":
                         continue  # LayerNorm: Shuffling BN is a no-op by design
                     case = (backend, model, precision, method)
-                    marks = () if case in DIAGONAL else (pytest.mark.slow,)
+                    marks = () if case in DIAGONAL else (pytest.mark.slow, pytest.mark.matrix)
                     yield pytest.param(*case, marks=marks, id="-".join(case))
 
 
@@ -68,7 +68,7 @@ def _ds_json(tmp_path, stage: int, bf16: bool):
     return path
 
 
-def launch(backend: str, model: str, precision: str, method: str, tmp_path, **env_extra: str) -> dict:
+def launch(backend: str, model: str, precision: str, method: str, tmp_path, fsdp_args=(), **env_extra: str) -> dict:
     """Run one case; return the runner's measurements."""
     out = tmp_path / "result.json"
     name, shuffle = method.split("+")[0], "1" if method.endswith("+shuffle") else "0"
@@ -79,7 +79,8 @@ def launch(backend: str, model: str, precision: str, method: str, tmp_path, **en
         env["ACCELERATE_MIXED_PRECISION"] = mixed
         cmd = [sys.executable, RUNNER, *args]
     elif backend in ("ddp", "fsdp2"):
-        cmd = accelerate_cmd(RUNNER, args, processes=2, mixed_precision=mixed, fsdp2=backend == "fsdp2")
+        cmd = accelerate_cmd(RUNNER, args, processes=2, mixed_precision=mixed, fsdp2=backend == "fsdp2",
+                             fsdp_args=fsdp_args)
     else:
         cmd = accelerate_cmd(RUNNER, args, processes=2, mixed_precision=mixed,
                              deepspeed_config=_ds_json(tmp_path, int(backend[-1]), precision == "bf16"))
@@ -124,3 +125,23 @@ def test_the_reduction_count_sees_a_reduction_per_backward(tmp_path):
     result = launch("fsdp2", "resnet", "fp32", "fast_advprop", tmp_path, EXACTNESS_DROP_NO_SYNC="1")
     assert max(g["rel_err"] for g in result["groups"].values()) < FP32_TOL
     assert result["reduced_elements"] >= 2.5 * result["trainable_elements"], result
+
+
+FSDP_VARIANTS = [
+    pytest.param("resnet", "fast_advprop+shuffle", ["--fsdp_auto_wrap_policy", "SIZE_BASED_WRAP",
+                                                    "--fsdp_min_num_params", "20000"], id="resnet-size-wrap"),
+    pytest.param("vit", "fast_advprop", ["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                                         "--fsdp_transformer_layer_cls_to_wrap", "Block",
+                                         "--fsdp_reshard_after_forward", "false"], id="vit-blocks-shard-grad-op",
+                 marks=(pytest.mark.slow, pytest.mark.matrix)),
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("model, method, fsdp_args", FSDP_VARIANTS)
+def test_fsdp2_units_and_resharding_keep_the_update(model, method, fsdp_args, tmp_path):
+    """Several FSDP units (each reduce-scatters its own parameters, once) and SHARD_GRAD_OP
+    (``reshard_after_forward=False``) make the same update as one unit."""
+    result = launch("fsdp2", model, "fp32", method, tmp_path, fsdp_args=fsdp_args)
+    assert result["reduce_calls"] > 1, result  # really several units
+    check(result, model, "fp32", method.split("+")[0])
