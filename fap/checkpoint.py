@@ -66,6 +66,7 @@ __all__ = [
     "safe_torch_load",
     "save_checkpoint",
     "save_sharded",
+    "check_dcp_metadata",
     "load_sharded",
     "FSDP2_MODEL",
     "FSDP2_OPTIMIZER",
@@ -251,6 +252,8 @@ def verify_checkpoint(path: os.PathLike) -> Dict[str, Any]:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         if f.suffix in _PICKLED:  # DeepSpeed writes its shards into a tag folder
             safe_torch_load(f, mmap=True, deepspeed=f.parent != path)
+        elif f.name == ".metadata":  # torch.distributed.checkpoint (FSDP2) unpickles it with plain pickle
+            check_dcp_metadata(f)
         elif f.suffix == ".safetensors":
             try:
                 with safe_open(str(f), framework="pt") as sf:
@@ -258,6 +261,41 @@ def verify_checkpoint(path: os.PathLike) -> Dict[str, Any]:
             except Exception as e:  # safetensors raises its own error types
                 raise CheckpointError(f"{f} is not a readable safetensors file ({e}); the checkpoint is damaged") from e
     return marker
+
+
+_DCP_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+def check_dcp_metadata(path: os.PathLike) -> None:
+    """Unpickle a distributed checkpoint's ``.metadata`` allowing only its own record types
+    (and torch dtypes), before ``torch.distributed.checkpoint`` loads it with plain ``pickle``.
+
+    Raises:
+        CheckpointError: the file names anything else (a crafted pickle) or is unreadable.
+    """
+    import pickle
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in _DCP_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+                return super().find_class(module, name)
+            raise CheckpointError(f"{path} refers to {module}.{name}, which a distributed checkpoint's metadata "
+                                  "never does: refusing to load it (a crafted or foreign file)")
+
+    try:
+        with open(path, "rb") as f:
+            _Restricted(f).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated or not a pickle at all
+        raise CheckpointError(f"{path} is not a readable distributed-checkpoint metadata file ({e}); "
+                              "the checkpoint is damaged") from e
 
 
 def register_state(accelerator, objects: Dict[str, Any]) -> Dict[str, str]:
@@ -639,6 +677,7 @@ def load_checkpoint_weights(path: os.PathLike, *, ema: bool = False) -> Dict[str
                 return load_file(str(path / name))
             return safe_torch_load(path / name)
     if (path / FSDP2_MODEL).is_dir():
+        verify_checkpoint(path)  # torch.distributed.checkpoint unpickles .metadata without restrictions
         return _consolidate_sharded(path)
     if (path / "pytorch_model").is_dir():
         verify_checkpoint(path)  # DeepSpeed's loader unpickles without weights_only

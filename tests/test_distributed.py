@@ -1,4 +1,4 @@
-"""fap.train across processes on CPU (gloo): DDP, DeepSpeed ZeRO-2/3, two simulated nodes.
+"""fap.train across processes on CPU (gloo): DDP, DeepSpeed ZeRO-2/3, FSDP2, two simulated nodes.
 
 The reference is one process training the same global batch of 20 as two micro-batches
 of 10 (``train.accum_steps=2``): the sampler gives micro-batch ``r`` of each update to rank

@@ -216,6 +216,12 @@ def check_resume_config(marker: Dict[str, Any], cfg: TrainConfig, path: Path, wo
         raise ConfigError(f"cannot resume {path}: it was written by {saved_world} processes, this run has {world}, "
                           "and DeepSpeed ZeRO partitions its optimizer state by process; resume with "
                           f"{saved_world} processes")
+    sharded = marker.get("distributed_type") == "FSDP2"
+    if sharded != (using_fsdp2() and not using_deepspeed()):
+        raise ConfigError(f"cannot resume {path}: it was written {'under' if sharded else 'without'} FSDP2 "
+                          f"(distributed_type={marker.get('distributed_type')!r}) and this launch is "
+                          f"{'not ' if sharded else ''}FSDP2, whose checkpoints are distributed state dicts; "
+                          "resume with the launch that wrote it, or start from `fap export` of it")
 
 
 def _build_data(cfg: TrainConfig, micro: int, world: int, rank: int):
