@@ -149,6 +149,21 @@ def test_fsdp2_resumes_bitwise(tiny_folder, tmp_path):
     assert [r["step"] for r in train] == [3, 4]
 
 
+@pytest.mark.parametrize("method", ["vanilla", "advprop"])
+def test_fsdp2_trains_a_batchnorm_resnet_in_bf16(method, tiny_folder, tmp_path):
+    """The other methods through fap.train under FSDP2 bf16 with BatchNorm (fp32 BatchNorm
+    parameters beside bf16 ones), evaluation and export included."""
+    out = tmp_path / "run"
+    args = [a for a in tiny_vit_overrides(tiny_folder, out, method=method, **{"train.max_steps": 2,
+                                                                              "train.eval_batch_size": 6})
+            if not a.startswith(("--model.", "--method.random_init_prob"))]
+    args += ["--model.name=test_resnet", "--model.mean=0.5,0.5,0.5", "--model.std=0.5,0.5,0.5", "--train.precision=bf16"]
+    proc = run(_module_cmd(args, processes=2, fsdp2=True, mixed_precision="bf16"))
+    assert "2 process(es), FSDP2, bf16" in proc.stdout and f"fap: {method} | test_resnet" in proc.stdout
+    weights = load_export(out)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
 def test_two_nodes_on_localhost(tiny_folder, tmp_path):
     """Two launchers (machine ranks 0 and 1, one process each) form one 2-process job."""
     out = tmp_path / "run"
