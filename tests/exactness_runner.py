@@ -212,6 +212,9 @@ def main(model_name: str, method_name: str, shuffle: bool, out: str) -> None:
     counter.active = False
     step_module.agree = agree
     got = full_state_dict(accelerator, model)
+    running = [b for n, b in accelerator.unwrap_model(model).named_buffers() if "running_" in n]
+    buffers = {"dtypes": sorted({str(b.dtype) for b in running}),
+               "finite": all(bool(torch.isfinite(b.float()).all()) for b in running)}
     if shuffle and world > 1:
         everyone = [None] * world
         dist.all_gather_object(everyone, received[0])
@@ -224,7 +227,7 @@ def main(model_name: str, method_name: str, shuffle: bool, out: str) -> None:
         json.dump({"groups": group_errors(got, want, init, groups), "nonfinite": result.nonfinite,
                    "description": update.description, "world": world, "precision": precision,
                    "distributed_type": "FSDP2" if fsdp2 else accelerator.distributed_type.name,
-                   "reduced_elements": counter.elements, "reduce_calls": counter.calls,
+                   "bn_buffers": buffers, "reduced_elements": counter.elements, "reduce_calls": counter.calls,
                    "trainable_elements": trainable}, f)
 
 

@@ -102,6 +102,10 @@ def check(result: dict, model: str, precision: str, method: str) -> None:
     else:  # bf16: a few elements go far (an attack pixel whose sign flipped); judge the whole update
         assert max(g["rel_l2"] for g in groups.values()) < BF16_TOL[model], groups
         assert min(g["cosine"] for g in groups.values()) > BF16_MIN_COSINE, groups
+    if model == "resnet":  # BatchNorm statistics stay fp32 (DeepSpeed bf16 keeps them in bf16 by design)
+        assert result["bn_buffers"]["finite"], result["bn_buffers"]
+        zero_bf16 = precision == "bf16" and result["distributed_type"] == "DEEPSPEED"
+        assert result["bn_buffers"]["dtypes"] == (["torch.bfloat16"] if zero_bf16 else ["torch.float32"])
     if result["world"] == 1:
         assert result["reduced_elements"] == 0, result
     else:  # once: every element with a gradient, plus ZeRO's 1-element flag, FSDP2's padding to the
