@@ -40,3 +40,10 @@ def test_each_dual_batchnorm_is_one_fp32_unit_with_its_aux_copy():
     every = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert len(found) * 2 == len(every)  # main (outer) + aux (inside it)
     assert all(hasattr(m, AUX_NAME) for m in found)
+
+
+def test_fsdp2_on_one_process_is_a_clear_error():
+    from fap.engine.distributed import shard_fsdp2
+
+    with pytest.raises(ConfigError, match="1 process.*launch without --use_fsdp"):
+        shard_fsdp2(SimpleNamespace(num_processes=1), torch.nn.Linear(2, 2), "fp32")

@@ -96,6 +96,11 @@ def shard_fsdp2(accelerator, model: torch.nn.Module, precision: str) -> torch.nn
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if accelerator.num_processes < 2 or not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(f"FSDP2 was asked for (ACCELERATE_USE_FSDP) but this launch has "
+                          f"{accelerator.num_processes} process(es) and Accelerate set up no process group for "
+                          "FSDP: sharding over one process gains nothing; launch without --use_fsdp, or with "
+                          "--num_processes 2 or more")
     plugin = fsdp2_plugin(accelerator, precision)
     model = model.to(accelerator.device)
     if precision == "bf16":
@@ -103,7 +108,8 @@ def shard_fsdp2(accelerator, model: torch.nn.Module, precision: str) -> torch.nn
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
                                     cast_forward_inputs=False)
         for norm in _outermost_batch_norms(model):
-            fully_shard(norm, mesh=mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh else None,
+            sub = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None
+            fully_shard(norm, mesh=sub,
                         reshard_after_forward=plugin.reshard_after_forward, mp_policy=fp32)
     return fsdp2_prepare_model(accelerator, model)
 
