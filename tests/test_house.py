@@ -1,5 +1,12 @@
-"""The house rules of DESIGN.md that code can check: short functions, no mutable closures in the engine."""
+"""The house rules of DESIGN.md that code can check: short functions, no mutable closures in the engine.
+
+The checks parse the source in a fresh interpreter: in a pytest process that has run numba
+(FFCV), CPython 3.11's ``ast.parse`` can fail with "AST constructor recursion depth mismatch".
+"""
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 FAP = Path(__file__).resolve().parents[1] / "fap"
@@ -10,14 +17,31 @@ def _functions(tree):
     return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
 
 
+def _fresh(check: str):
+    proc = subprocess.run([sys.executable, __file__, check], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
 def test_no_function_in_fap_or_the_recipes_is_longer_than_80_lines():
+    long = _fresh("long_functions")
+    assert not long, "functions over 80 lines:\n" + "\n".join(long)
+
+
+def test_no_engine_closure_captures_mutable_state():
+    """A nested function may read what its enclosing function bound once to an immutable value."""
+    problems = _fresh("mutable_closures")
+    assert not problems, "\n".join(problems)
+
+
+def long_functions():
     long = []
     for path in sorted(FAP.rglob("*.py")) + sorted((FAP.parent / "recipes").glob("*.py")):
         for fn in _functions(ast.parse(path.read_text())):
             lines = fn.end_lineno - fn.lineno + 1
             if lines > MAX_LINES:
                 long.append(f"{path.relative_to(FAP.parent)}:{fn.lineno} {fn.name} ({lines} lines)")
-    assert not long, "functions over 80 lines:\n" + "\n".join(long)
+    return long
 
 
 def _bindings(fn):
@@ -56,8 +80,7 @@ def _mutable(value) -> bool:
         isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in ("list", "dict", "set"))
 
 
-def test_no_engine_closure_captures_mutable_state():
-    """A nested function may read what its enclosing function bound once to an immutable value."""
+def mutable_closures():
     problems = []
     for path in sorted((FAP / "engine").rglob("*.py")):
         tree = ast.parse(path.read_text())
@@ -75,4 +98,8 @@ def test_no_engine_closure_captures_mutable_state():
                         values = bound[node.id]
                         if len(values) > 1 or _mutable(values[0]):
                             problems.append(f"{path.name}:{node.lineno} captures {node.id!r} of {outer.name}")
-    assert not problems, "\n".join(sorted(set(problems)))
+    return sorted(set(problems))
+
+
+if __name__ == "__main__":
+    print(json.dumps({"long_functions": long_functions, "mutable_closures": mutable_closures}[sys.argv[1]]()))

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from fap.checkpoint import export_timm, list_checkpoints, prune_checkpoints, save_checkpoint
-from fap.config import TrainConfig, to_dict
+from fap.checkpoint import TrainState, export_timm, list_checkpoints, prune_checkpoints, save_checkpoint
+from fap.config import CheckpointConfig, RunSection, TrainConfig, to_dict
 from fap.engine.distributed import average_bn_stats, full_state_dict
 from fap.engine.log import RunLog
 from fap.engine.setup import Run, build_run, resume
@@ -24,7 +24,7 @@ from fap.engine.state import NonFiniteLossError, Preempted, StopSignals
 from fap.evaluation.loop import score_loader
 from fap.norm import route
 
-__all__ = ["train", "train_one_epoch", "end_of_epoch", "evaluate_main"]
+__all__ = ["train", "train_one_epoch", "end_of_epoch", "epoch_cadence", "evaluate_main"]
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
@@ -176,18 +176,41 @@ def end_of_epoch(run: Run, log: RunLog, *, stopped: bool) -> Optional[Dict[str, 
 
     Returns the evaluation, if one ran.
     """
-    state, t, c = run.state, run.cfg.train, run.cfg.checkpoint
-    finished = state.batch_in_epoch >= t.accum_steps * run.updates_per_epoch or not stopped
-    if finished:
-        state.epoch += 1
-        state.batch_in_epoch = 0
-    last = state.epoch >= t.epochs or stopped
-    result = None
-    if finished and ((t.eval_every and state.epoch % t.eval_every == 0) or last):
-        result = evaluate_run(run, log)
-    if (c.every_epochs and finished and state.epoch % c.every_epochs == 0) or (last and (c.every_epochs or c.every_steps)):
-        save(run, log, "epoch_end" if finished else "stop")
+    due = epoch_cadence(run.state, run.cfg.train, run.cfg.checkpoint, run.updates_per_epoch, stopped=stopped)
+    if due.finished:
+        run.state.epoch += 1
+        run.state.batch_in_epoch = 0
+    result = evaluate_run(run, log) if due.evaluate else None
+    if due.checkpoint:
+        save(run, log, due.checkpoint)
     return result
+
+
+class EpochEnd(NamedTuple):
+    """What the end of an epoch's loop does: ``finished`` (the epoch was trained to its end,
+    so the counter moves on), ``evaluate``, and ``checkpoint`` (the reason, or None)."""
+    finished: bool
+    evaluate: bool
+    checkpoint: Optional[str]
+
+
+def epoch_cadence(state: TrainState, t: RunSection, c: CheckpointConfig, updates_per_epoch: int, *,
+                  stopped: bool) -> EpochEnd:
+    """What is due when the loop over an epoch's batches ends (``stopped``: at the last update).
+
+    An epoch ends *finished* when all its batches were trained or the loop ran out of batches;
+    a run stopped by ``train.max_steps`` mid-epoch is not finished. Evaluation is due every
+    ``train.eval_every`` finished epochs and at the end of the run; a checkpoint every
+    ``checkpoint.every_epochs`` finished epochs and at the end of a run that checkpoints at all.
+    """
+    finished = state.batch_in_epoch >= t.accum_steps * updates_per_epoch or not stopped
+    epoch = state.epoch + 1 if finished else state.epoch
+    last = epoch >= t.epochs or stopped
+    evaluate = finished and ((t.eval_every and epoch % t.eval_every == 0) or last)
+    checkpoint = None
+    if (c.every_epochs and finished and epoch % c.every_epochs == 0) or (last and (c.every_epochs or c.every_steps)):
+        checkpoint = "epoch_end" if finished else "stop"
+    return EpochEnd(finished, bool(evaluate), checkpoint)
 
 
 def loader_batches(run: Run, epoch: int, skip: int):
