@@ -14,7 +14,14 @@ demo: install
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/demo.py
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not matrix" tests
 
 bench: install
 	$(PY) benchmarks/step_cost.py
+
+# `make test` (CI) runs everything but the off-diagonal cases of the exactness matrix
+# (marker `matrix`, about 20 min on 2 cores); `make test-slow` runs every test marked slow,
+# the full matrix included.
+.PHONY: test-slow
+test-slow: install
+	$(PY) -m pytest -q -m slow tests

@@ -14,6 +14,13 @@ during the deletion never leaves a marked checkpoint with missing files. A save 
 fails (disk full, read-only directory) is a `CheckpointError` on every process that
 names the previous complete checkpoint.
 
+Under FSDP2 the model and optimizer are not Accelerate's to save (fap shards them itself,
+`fap.engine.distributed.shard_fsdp2`): they go in as distributed state dicts
+(``torch.distributed.checkpoint``; every process writes its shards) under `FSDP2_MODEL`
+and `FSDP2_OPTIMIZER` in the same directory, beside Accelerate's RNG states and
+registered objects, and come back into the same sharding on resume (`load_sharded`).
+`load_checkpoint_weights` consolidates `FSDP2_MODEL` in one process for ``fap export``.
+
 Loading is safe: `verify_checkpoint` opens every pickle-based file of a checkpoint with
 ``torch.load(weights_only=True)`` (tensors, containers, numbers and the numpy RNG state,
 nothing else) *before* Accelerate or DeepSpeed touch it, so a crafted pickle is refused
@@ -58,6 +65,11 @@ __all__ = [
     "load_checkpoint",
     "safe_torch_load",
     "save_checkpoint",
+    "save_sharded",
+    "check_dcp_metadata",
+    "load_sharded",
+    "FSDP2_MODEL",
+    "FSDP2_OPTIMIZER",
     "prune_checkpoints",
     "remove_partial",
     "export_timm",
@@ -240,6 +252,8 @@ def verify_checkpoint(path: os.PathLike) -> Dict[str, Any]:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         if f.suffix in _PICKLED:  # DeepSpeed writes its shards into a tag folder
             safe_torch_load(f, mmap=True, deepspeed=f.parent != path)
+        elif f.name == ".metadata":  # torch.distributed.checkpoint (FSDP2) unpickles it with plain pickle
+            check_dcp_metadata(f)
         elif f.suffix == ".safetensors":
             try:
                 with safe_open(str(f), framework="pt") as sf:
@@ -247,6 +261,41 @@ def verify_checkpoint(path: os.PathLike) -> Dict[str, Any]:
             except Exception as e:  # safetensors raises its own error types
                 raise CheckpointError(f"{f} is not a readable safetensors file ({e}); the checkpoint is damaged") from e
     return marker
+
+
+_DCP_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+def check_dcp_metadata(path: os.PathLike) -> None:
+    """Unpickle a distributed checkpoint's ``.metadata`` allowing only its own record types
+    (and torch dtypes), before ``torch.distributed.checkpoint`` loads it with plain ``pickle``.
+
+    Raises:
+        CheckpointError: the file names anything else (a crafted pickle) or is unreadable.
+    """
+    import pickle
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in _DCP_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+                return super().find_class(module, name)
+            raise CheckpointError(f"{path} refers to {module}.{name}, which a distributed checkpoint's metadata "
+                                  "never does: refusing to load it (a crafted or foreign file)")
+
+    try:
+        with open(path, "rb") as f:
+            _Restricted(f).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated or not a pickle at all
+        raise CheckpointError(f"{path} is not a readable distributed-checkpoint metadata file ({e}); "
+                              "the checkpoint is damaged") from e
 
 
 def register_state(accelerator, objects: Dict[str, Any]) -> Dict[str, str]:
@@ -261,7 +310,8 @@ def register_state(accelerator, objects: Dict[str, Any]) -> Dict[str, str]:
     return {name: f"custom_checkpoint_{i}.pkl" for i, name in enumerate(objects)}
 
 
-def load_checkpoint(accelerator, path: os.PathLike, *, marker: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def load_checkpoint(accelerator, path: os.PathLike, *, marker: Optional[Dict[str, Any]] = None,
+                    sharded: Optional[Tuple[Any, Any]] = None) -> Dict[str, Any]:
     """`verify_checkpoint` (unless its ``marker`` is passed: already verified), then
     ``accelerator.load_state``; return the marker.
 
@@ -271,12 +321,54 @@ def load_checkpoint(accelerator, path: os.PathLike, *, marker: Optional[Dict[str
     """
     if marker is None:
         marker = verify_checkpoint(path)
+    if sharded is not None and not (Path(path) / FSDP2_MODEL).is_dir():
+        raise CheckpointError(f"{path} has no {FSDP2_MODEL}/ folder: it was not written by an FSDP2 run "
+                              f"(it says distributed_type={marker.get('distributed_type')!r}); resume it with the "
+                              "launch that wrote it, or export it with fap export and start from the weights")
     try:
         accelerator.load_state(str(path))
+        if sharded is not None:
+            load_sharded(path, *sharded)
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path} does not fit this run's model or optimizer ({type(e).__name__}: "
                               f"{str(e)[:2000]})") from e
     return marker
+
+
+FSDP2_MODEL, FSDP2_OPTIMIZER = "fsdp2_model", "fsdp2_optimizer"
+
+
+def save_sharded(path: os.PathLike, model, optimizer) -> None:
+    """Write an FSDP2 model's and optimizer's distributed state dicts (all processes call this)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save(model_sd, checkpoint_id=str(Path(path) / FSDP2_MODEL))
+    dcp.save(optim_sd, checkpoint_id=str(Path(path) / FSDP2_OPTIMIZER))
+
+
+def load_sharded(path: os.PathLike, model, optimizer) -> None:
+    """Load `save_sharded`'s state dicts into the sharded ``model`` and ``optimizer`` in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # the layout to load into
+    dcp.load(model_sd, checkpoint_id=str(Path(path) / FSDP2_MODEL))
+    dcp.load(optim_sd, checkpoint_id=str(Path(path) / FSDP2_OPTIMIZER))
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def _consolidate_sharded(path: Path) -> Dict[str, torch.Tensor]:
+    """The full model state dict of an FSDP2 checkpoint, in one process (no process group)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.pt"
+        dcp_to_torch_save(str(path / FSDP2_MODEL), str(out))
+        return safe_torch_load(out)
 
 
 def list_checkpoints(run_dir: os.PathLike) -> List[Path]:
@@ -374,7 +466,8 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
-def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker: Dict[str, Any]) -> Path:
+def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker: Dict[str, Any], *,
+                    sharded: Optional[Tuple[Any, Any]] = None) -> Path:
     """Save the Accelerate state as ``checkpoints/step_<state.step>``, atomically.
 
     Every process writes its part into a temporary directory and fsyncs it; after all
@@ -387,6 +480,7 @@ def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker
         run_dir: the run directory.
         state: the training counters (names the checkpoint by ``state.step``).
         marker: extra facts for the marker file (config, world size, ...).
+        sharded: ``(model, optimizer)`` of an FSDP2 run, saved as distributed state dicts.
 
     Returns:
         The checkpoint directory.
@@ -427,6 +521,8 @@ def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker
         raise fail(failed)
     try:
         accelerator.save_state(str(tmp))
+        if sharded is not None:
+            save_sharded(tmp, *sharded)
         _fsync_tree(tmp)
     except Exception as e:  # OSError, torch.save's RuntimeError, safetensors' own error type
         error = e
@@ -561,8 +657,9 @@ def export_timm(
 def load_checkpoint_weights(path: os.PathLike, *, ema: bool = False) -> Dict[str, torch.Tensor]:
     """The model (or EMA) weights stored in a complete checkpoint, as one fp32 state dict.
 
-    Works for plain/DDP checkpoints (``model.safetensors``) and DeepSpeed ZeRO-2/3 ones
-    (consolidated from the shards with DeepSpeed's ``zero_to_fp32``), in one process.
+    Works for plain/DDP checkpoints (``model.safetensors``), DeepSpeed ZeRO-2/3 ones
+    (consolidated from the shards with DeepSpeed's ``zero_to_fp32``) and FSDP2 ones
+    (consolidated with ``torch.distributed.checkpoint``'s ``dcp_to_torch_save``), in one process.
     Nothing is unpickled beyond plain data (`safe_torch_load`, `verify_checkpoint`).
     """
     path = Path(path)
@@ -579,12 +676,15 @@ def load_checkpoint_weights(path: os.PathLike, *, ema: bool = False) -> Dict[str
                 from safetensors.torch import load_file
                 return load_file(str(path / name))
             return safe_torch_load(path / name)
+    if (path / FSDP2_MODEL).is_dir():
+        verify_checkpoint(path)  # torch.distributed.checkpoint unpickles .metadata without restrictions
+        return _consolidate_sharded(path)
     if (path / "pytorch_model").is_dir():
         verify_checkpoint(path)  # DeepSpeed's loader unpickles without weights_only
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
-    raise CheckpointError(f"{path}: no model weights found (model.safetensors, pytorch_model.bin or "
-                          "a DeepSpeed pytorch_model/ folder)")
+    raise CheckpointError(f"{path}: no model weights found (model.safetensors, pytorch_model.bin, "
+                          f"a DeepSpeed pytorch_model/ folder or an FSDP2 {FSDP2_MODEL}/ folder)")
 
 
 # ------------------------------------------------------------------------------------

@@ -208,8 +208,8 @@ class MixupConfig:
 class EMAConfig:
     """The ``ema`` section: timm ``ModelEmaV3`` of the weights, evaluated each epoch.
 
-    Under DeepSpeed ZeRO-3 an EMA is refused: it needs a full replica of the weights on
-    every rank, which is what ZeRO-3 exists to avoid (use ZeRO-2, or no EMA).
+    Under DeepSpeed ZeRO-3 and FSDP2 an EMA is refused: it needs a full replica of the
+    weights on every rank, which is what sharding exists to avoid (use DDP or ZeRO-2, or no EMA).
 
     Args:
         enabled: keep an EMA.

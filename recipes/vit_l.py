@@ -3,6 +3,8 @@
     # 8 GPUs, ZeRO-3, bf16 (the JSON enables bf16):
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/vit_l.py --data.path=/data/imagenet
     # 4 nodes x 8 GPUs: accelerate_configs/slurm_multi_node.sh with the ZeRO-3 flags it lists.
+    # Or PyTorch FSDP2 (no DeepSpeed; parameters, gradients and optimizer state sharded too):
+    accelerate launch --config_file accelerate_configs/fsdp2.yaml recipes/vit_l.py --data.path=/data/imagenet
 
 Why ZeRO-3: ViT-L/16 has 304 M parameters. With AdamW, the fp32 master weights, gradients
 and two moments are 16 bytes per parameter, 4.9 GB, before activations; Fast AdvProp

@@ -116,16 +116,20 @@ def run(cmd: Sequence[str], *, timeout: int = 300, env: Optional[Dict[str, str]]
 
 
 def accelerate_cmd(script: str, args: Sequence[str], *, processes: int = 1, deepspeed_config: Optional[str] = None,
-                   mixed_precision: str = "no", port: Optional[int] = None) -> List[str]:
-    """An ``accelerate launch`` command line for CPU (DDP via --multi_gpu, or DeepSpeed)."""
+                   mixed_precision: str = "no", port: Optional[int] = None, fsdp2: bool = False,
+                   fsdp_args: Sequence[str] = ()) -> List[str]:
+    """An ``accelerate launch`` command line for CPU (DDP via --multi_gpu, DeepSpeed, or FSDP2
+    with ``fsdp_args`` such as ``--fsdp_auto_wrap_policy``)."""
     cmd = [ACCELERATE, "launch", "--num_machines", "1", "--num_processes", str(processes),
            "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
     if deepspeed_config:
         cmd += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_config),
                 "--deepspeed_multinode_launcher", "standard"]
+    elif fsdp2:
+        cmd += ["--use_fsdp", "--fsdp_version", "2", *fsdp_args]
     elif processes > 1:
         cmd += ["--multi_gpu"]
-    if processes > 1 or deepspeed_config:
+    if processes > 1 or deepspeed_config or fsdp2:
         cmd += ["--main_process_port", str(port or free_port())]
     return cmd + [script, *args]
 

@@ -118,3 +118,37 @@ SAVE_SCRIPT = textwrap.dedent("""
 def test_a_crash_during_save_never_touches_complete_checkpoints(tmp_path):
     proc = run([sys.executable, "-c", SAVE_SCRIPT, str(tmp_path / "run")])
     assert proc.stdout.strip().endswith("OK")
+
+
+class _Payload:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_distributed_checkpoint_metadata_is_checked_before_it_is_unpickled(tmp_path):
+    """FSDP2 checkpoints are torch.distributed.checkpoint folders, whose .metadata torch reads
+    with plain pickle: fap's check admits only DCP's own records, and consolidation (fap export)
+    gives the full state dict back in one process."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from fap.checkpoint import _consolidate_sharded, check_dcp_metadata
+
+    state = {"net.weight": torch.arange(6.0).view(2, 3), "net.bias": torch.ones(2)}
+    dcp.save(state, checkpoint_id=str(tmp_path / "fsdp2_model"))
+    check_dcp_metadata(tmp_path / "fsdp2_model" / ".metadata")
+    full = _consolidate_sharded(tmp_path)
+    assert full.keys() == state.keys() and all(torch.equal(full[k], state[k]) for k in state)
+
+    crafted = tmp_path / "crafted" / ".metadata"
+    crafted.parent.mkdir()
+    crafted.write_bytes(pickle.dumps(_Payload(tmp_path / "pwned")))
+    with pytest.raises(CheckpointError, match="io.open"):
+        check_dcp_metadata(crafted)
+    assert not (tmp_path / "pwned").exists()

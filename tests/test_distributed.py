@@ -1,4 +1,4 @@
-"""fap.train across processes on CPU (gloo): DDP, DeepSpeed ZeRO-2/3, two simulated nodes.
+"""fap.train across processes on CPU (gloo): DDP, DeepSpeed ZeRO-2/3, FSDP2, two simulated nodes.
 
 The reference is one process training the same global batch of 20 as two micro-batches
 of 10 (``train.accum_steps=2``): the sampler gives micro-batch ``r`` of each update to rank
@@ -89,21 +89,26 @@ CASES = [
     pytest.param("zero2", "bf16", id="zero2-bf16"),
     pytest.param("zero3", "fp32", id="zero3-fp32"),
     pytest.param("zero3", "bf16", id="zero3-bf16"),
+    pytest.param("fsdp2", "fp32", id="fsdp2-fp32"),
+    pytest.param("fsdp2", "bf16", id="fsdp2-bf16"),
 ]
+EXPECTED = {"ddp": ("MULTI_CPU", "no_sync (one all-reduce per update)"),
+            "zero2": ("DEEPSPEED ZeRO-2", "coalesced (one reduction per update)"),
+            "zero3": ("DEEPSPEED ZeRO-3", "coalesced (one reduction per update)"),
+            "fsdp2": ("FSDP2", "FSDP2 set_requires_gradient_sync (one reduce-scatter per update)")}
 
 
 @pytest.mark.parametrize("backend, precision", CASES)
 def test_two_processes_match_one(backend, precision, reference, tiny_folder, tmp_path):
     out = tmp_path / "run"
-    # ZeRO-3 fp32 also writes a (sharded) checkpoint, which `fap export` must consolidate.
-    save = {"checkpoint.every_steps": 3} if (backend, precision) == ("zero3", "fp32") else {}
+    # ZeRO-3 and FSDP2 fp32 also write a (sharded) checkpoint, which `fap export` must consolidate.
+    save = {"checkpoint.every_steps": 3} if precision == "fp32" and backend in ("zero3", "fsdp2") else {}
     args = tiny_vit_overrides(tiny_folder, out, **STEPS, **save, **{"train.precision": precision})
-    ds = None if backend == "ddp" else _ds_json(tmp_path, int(backend[-1]), precision == "bf16")
-    proc = run(_module_cmd(args, processes=2, deepspeed_config=ds,
+    ds = None if backend in ("ddp", "fsdp2") else _ds_json(tmp_path, int(backend[-1]), precision == "bf16")
+    proc = run(_module_cmd(args, processes=2, deepspeed_config=ds, fsdp2=backend == "fsdp2",
                            mixed_precision="bf16" if precision == "bf16" else "no"))
-    expected = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED ZeRO-2", "zero3": "DEEPSPEED ZeRO-3"}[backend]
+    expected, reduction = EXPECTED[backend]
     assert f"2 process(es), {expected}, {precision}" in proc.stdout
-    reduction = "no_sync (one all-reduce per update)" if backend == "ddp" else "coalesced (one reduction per update)"
     assert f"gradients: {reduction}" in proc.stdout
     weights = load_export(out)
     assert all(torch.isfinite(v).all() for v in weights.values())
@@ -125,6 +130,38 @@ def test_two_processes_match_one(backend, precision, reference, tiny_folder, tmp
         run([sys.executable, "-m", "fap.cli", "export", str(out), "--out", str(tmp_path / "from_checkpoint")])
         again = load_export(tmp_path, "from_checkpoint")
         assert all(torch.equal(again[k], weights[k]) for k in weights)
+
+
+def test_fsdp2_resumes_bitwise(tiny_folder, tmp_path):
+    """An FSDP2 run resumed from its mid-epoch checkpoint (distributed state dicts: sharded
+    weights and momentum) ends bitwise where the uninterrupted run ends."""
+    steps = {"train.max_steps": 4, "checkpoint.every_steps": 2, "train.eval_batch_size": 6}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(_module_cmd(tiny_vit_overrides(tiny_folder, straight, **steps), processes=2, fsdp2=True))
+    ckpt = straight / "checkpoints" / "step_00000002"
+    assert (ckpt / "fsdp2_model").is_dir() and (ckpt / "fsdp2_optimizer").is_dir()
+    proc = run(_module_cmd(tiny_vit_overrides(tiny_folder, resumed, **steps, **{"checkpoint.resume": str(ckpt)}),
+                           processes=2, fsdp2=True))
+    assert "resumed from" in proc.stdout
+    a, b = load_export(straight), load_export(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    train = [r for r in read_log(resumed) if r["type"] == "train"]
+    assert [r["step"] for r in train] == [3, 4]
+
+
+@pytest.mark.parametrize("method", ["vanilla", "advprop"])
+def test_fsdp2_trains_a_batchnorm_resnet_in_bf16(method, tiny_folder, tmp_path):
+    """The other methods through fap.train under FSDP2 bf16 with BatchNorm (fp32 BatchNorm
+    parameters beside bf16 ones), evaluation and export included."""
+    out = tmp_path / "run"
+    args = [a for a in tiny_vit_overrides(tiny_folder, out, method=method, **{"train.max_steps": 2,
+                                                                              "train.eval_batch_size": 6})
+            if not a.startswith(("--model.", "--method.random_init_prob"))]
+    args += ["--model.name=test_resnet", "--model.mean=0.5,0.5,0.5", "--model.std=0.5,0.5,0.5", "--train.precision=bf16"]
+    proc = run(_module_cmd(args, processes=2, fsdp2=True, mixed_precision="bf16"))
+    assert "2 process(es), FSDP2, bf16" in proc.stdout and f"fap: {method} | test_resnet" in proc.stdout
+    weights = load_export(out)
+    assert all(torch.isfinite(v).all() for v in weights.values())
 
 
 def test_two_nodes_on_localhost(tiny_folder, tmp_path):

@@ -23,11 +23,106 @@ from fap.config import ConfigError, TrainConfig
 __all__ = [
     "using_deepspeed", "make_accelerator", "check_deepspeed_dict", "deepspeed_preflight", "configure_deepspeed",
     "can_coalesce", "average_bn_stats", "full_state_dict", "main_process_first", "warn_oversubscribed",
+    "using_fsdp2", "is_fsdp2", "fsdp2_plugin", "shard_fsdp2",
 ]
 
 
 def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def using_fsdp2() -> bool:
+    """The launch asked for FSDP (``accelerate launch --use_fsdp`` or ``distributed_type: FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def is_fsdp2(model) -> bool:
+    """``model`` was sharded with PyTorch's ``fully_shard`` (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def fsdp2_plugin(accelerator, precision: str):
+    """Accelerate's FSDP plugin for this run (read from the launcher's ``FSDP_*`` variables),
+    with fap's mixed-precision policy: bf16 parameters, fp32 gradient reduction and outputs.
+
+    Accelerate >= 1.x sets FSDP up only on accelerators (``DistributedType.FSDP``); on CPU
+    it silently falls back to DDP (``MULTI_CPU``). There fap shards the model itself through
+    Accelerate's own ``fsdp2_prepare_model`` with this plugin (`shard_fsdp2`).
+
+    Raises:
+        ConfigError: FSDP1 was asked for (``fsdp_version: 1``); fap supports FSDP2 only.
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None:
+        version = os.environ.get("FSDP_VERSION", "1")
+        if version != "2":
+            raise ConfigError(f"FSDP_VERSION={version} (accelerate launch --fsdp_version / fsdp_version in the "
+                              "config file): fap supports FSDP2 only; set fsdp_version: 2, see "
+                              "accelerate_configs/fsdp2.yaml")
+        plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError(f"fsdp_version={plugin.fsdp_version}: fap supports FSDP2 only; set fsdp_version: 2 "
+                          "(accelerate_configs/fsdp2.yaml)")
+    # Reductions in fp32 (Accelerate's default reduces in bf16), fp32 logits for the losses.
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if precision == "bf16" else None,
+        reduce_dtype=torch.float32, output_dtype=torch.float32 if precision == "bf16" else None)
+    # Every process builds the same initial weights from the run's seed: nothing to broadcast
+    # (and Accelerate's meta-device loading expects every state-dict entry to be sharded,
+    # which BatchNorm buffers are not).
+    plugin.cpu_ram_efficient_loading = False
+    accelerator.state.fsdp_plugin = plugin  # where fsdp2_prepare_model looks for it
+    return plugin
+
+
+def shard_fsdp2(accelerator, model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Shard ``model`` with FSDP2 (``fully_shard``) through Accelerate's ``fsdp2_prepare_model``.
+
+    Call it before the optimizer is built: ``fully_shard`` replaces the parameters by
+    sharded ``DTensor`` ones. The per-group gradient scales of the dual norms
+    (`fap.norm.GradScale`) act on the unsharded parameters inside each forward, so they
+    hold on sharded ones unchanged. BatchNorm buffers are not sharded (each process keeps
+    its own statistics, as under DDP and DeepSpeed; `average_bn_stats` averages them).
+
+    In bf16 each BatchNorm (with its auxiliary copy) is its own FSDP unit whose parameters
+    stay fp32: FSDP2 casts parameters, not buffers, and BatchNorm wants its affine
+    parameters in the dtype of its fp32 running statistics; the activations stay bf16.
+    """
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if accelerator.num_processes < 2 or not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(f"FSDP2 was asked for (ACCELERATE_USE_FSDP) but this launch has "
+                          f"{accelerator.num_processes} process(es) and Accelerate set up no process group for "
+                          "FSDP: sharding over one process gains nothing; launch without --use_fsdp, or with "
+                          "--num_processes 2 or more")
+    plugin = fsdp2_plugin(accelerator, precision)
+    model = model.to(accelerator.device)
+    if precision == "bf16":
+        mesh = getattr(accelerator, "torch_device_mesh", None)
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
+        for norm in _outermost_batch_norms(model):
+            sub = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None
+            fully_shard(norm, mesh=sub,
+                        reshard_after_forward=plugin.reshard_after_forward, mp_policy=fp32)
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def _outermost_batch_norms(model: torch.nn.Module) -> List[torch.nn.Module]:
+    inside: set = set()
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                name.startswith(p + ".") for p in inside):
+            inside.add(name)
+            found.append(module)
+    return found
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: Path):
@@ -231,10 +326,16 @@ def average_bn_stats(module: torch.nn.Module, world: int) -> None:
 
 def full_state_dict(accelerator, model) -> Dict[str, torch.Tensor]:
     """The full fp32 weights on every rank (DeepSpeed: gathered from the fp32 master
-    partitions with ``safe_get_full_fp32_param``, a collective under ZeRO-3)."""
+    partitions with ``safe_get_full_fp32_param``, a collective under ZeRO-3; FSDP2: each
+    sharded ``DTensor`` gathered with ``full_tensor()``, a collective too)."""
     from accelerate.utils import DistributedType
 
     unwrapped = accelerator.unwrap_model(model)
+    if is_fsdp2(unwrapped):  # a collective: every process gathers each sharded tensor in the same order
+        from torch.distributed.tensor import DTensor
+
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+                for k, v in unwrapped.state_dict().items()}
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return {k: v.detach().cpu() for k, v in unwrapped.state_dict().items()}
     from deepspeed.utils import safe_get_full_fp32_param

@@ -79,9 +79,11 @@ def open_log(run: Run) -> RunLog:
         resumed = {"step": run.state.step, "epoch": run.state.epoch, "from": str(run.resume_from)}
     log.open({**to_dict(cfg), "resolved": info}, cfg.train.name, resume=resumed)
     t = cfg.train
+    fsdp2 = run.marker["distributed_type"] == "FSDP2"
     log.print(
         f"fap: {run.method.name} | {cfg.model.name} | {run.world} process(es), "
-        f"{run.accelerator.distributed_type.value}" + (f" ZeRO-{run.zero_stage}" if run.zero_stage else "")
+        f"{'FSDP2' if fsdp2 else run.accelerator.distributed_type.value}"
+        + (f" ZeRO-{run.zero_stage}" if run.zero_stage else "")
         + f", {run.precision} | batch {t.batch_size} ({run.micro}/process x {t.accum_steps} accum) | "
         f"lr {run.lr:.4g} | {run.updates_per_epoch} updates/epoch | cost {info['image_passes_per_step']} "
         f"image-passes/step = {run.cost.ratio:.3f}x vanilla | gradients: {run.update.description}")
@@ -233,7 +235,8 @@ def loader_batches(run: Run, epoch: int, skip: int):
 def save(run: Run, log: RunLog, reason: str) -> Path:
     """An atomic checkpoint of the run (`fap.checkpoint.save_checkpoint`), then pruning."""
     with log.paused("checkpoint"):
-        path = save_checkpoint(run.accelerator, run.run_dir, run.state, {**run.marker, "reason": reason})
+        path = save_checkpoint(run.accelerator, run.run_dir, run.state, {**run.marker, "reason": reason},
+                               sharded=run.sharded)
         prune_checkpoints(run.accelerator, run.run_dir, run.cfg.checkpoint.keep)
     log.write({"type": "checkpoint", "step": run.state.step, "epoch": run.state.epoch, "path": str(path)})
     return path

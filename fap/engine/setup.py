@@ -22,7 +22,7 @@ from fap.checkpoint import TrainState, load_checkpoint, register_state, remove_p
     verify_checkpoint
 from fap.config import ConfigError, TrainConfig, diff, method_name, to_dict, validate
 from fap.engine.distributed import configure_deepspeed, deepspeed_preflight, main_process_first, \
-    make_accelerator, using_deepspeed, warn_oversubscribed
+    make_accelerator, shard_fsdp2, using_deepspeed, using_fsdp2, warn_oversubscribed
 from fap.engine.state import MethodRNG
 from fap.engine.step import Update, make_update
 from fap.methods import build_method
@@ -46,7 +46,8 @@ class Run:
     """What set-up built; the loop reads it and advances ``state``.
 
     ``model`` and ``optimizer`` are as ``accelerator.prepare`` returned them (DDP or
-    DeepSpeed wrapped); ``unwrapped`` is the `fap.models.PixelModel` inside. A loader is
+    DeepSpeed wrapped), or, under FSDP2, the ``fully_shard``-ed model and a plain torch
+    optimizer over its shards; ``unwrapped`` is the `fap.models.PixelModel` inside. A loader is
     ``prepared`` when Accelerate sharded it (FFCV's shard themselves). ``marker`` holds the
     facts saved with every checkpoint.
     """
@@ -77,6 +78,11 @@ class Run:
     marker: Dict[str, Any]
     resume_from: Optional[Path] = None
     resume_marker: Optional[Dict[str, Any]] = None
+
+    @property
+    def sharded(self) -> Optional[Tuple[Any, Any]]:
+        """``(model, optimizer)`` when they are FSDP2's, which checkpoints save as distributed state dicts."""
+        return (self.model, self.optimizer) if self.marker.get("distributed_type") == "FSDP2" else None
 
     @property
     def total_updates(self) -> int:
@@ -113,6 +119,9 @@ def build_run(config: TrainConfig) -> Run:
     accelerator, precision = make_accelerator(cfg, run_dir)
     zero_stage = configure_deepspeed(accelerator, cfg, micro)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if using_fsdp2() and cfg.ema.enabled:
+        raise ConfigError("ema.enabled=True under FSDP2: an EMA is a full replica of the weights on every rank, "
+                          "which sharding exists to avoid; use DDP or ZeRO-2 for an EMA, or set --ema.enabled=false")
     if deepspeed and cfg.train.nonfinite == "skip":
         raise ConfigError("train.nonfinite='skip' is not available under DeepSpeed (its engine applies the update "
                           "inside its own step); use train.nonfinite=stop, which stops before the update is saved")
@@ -122,11 +131,14 @@ def build_run(config: TrainConfig) -> Run:
     warn_oversubscribed(accelerator, cfg.data.num_workers)
     model = _build_model(cfg, num_classes)
     method, cost = _build_method(cfg, model, micro, num_classes)
+    fsdp2 = using_fsdp2() and not deepspeed
+    if fsdp2:  # before the optimizer: fully_shard replaces the parameters by sharded ones
+        model = shard_fsdp2(accelerator, model, precision)
     optimizer, lr = build_optimizer(cfg, model)
     prepared = (isinstance(train_loader, torch.utils.data.DataLoader),
                 isinstance(eval_loader, torch.utils.data.DataLoader))
     model, optimizer, train_loader, eval_loader = _prepare(accelerator, model, optimizer, train_loader, eval_loader,
-                                                           prepared)
+                                                           prepared, fsdp2=fsdp2)
     updates_per_epoch = _updates_per_epoch(cfg, train_loader, micro)
     scheduler = build_scheduler(cfg, optimizer, updates_per_epoch)
     unwrapped = accelerator.unwrap_model(model)
@@ -135,7 +147,7 @@ def build_run(config: TrainConfig) -> Run:
     saved = {"state": state, "rng": rng, "scheduler": scheduler, "ema": ema}
     state_files = register_state(accelerator, {k: v for k, v in saved.items() if v is not None})
     marker = {"config": to_dict(cfg), "num_classes": num_classes, "world_size": world,
-              "distributed_type": str(accelerator.distributed_type), "precision": precision,
+              "distributed_type": "FSDP2" if fsdp2 else str(accelerator.distributed_type), "precision": precision,
               "zero_stage": zero_stage, "state_files": state_files}
     update = make_update(accelerator, model, optimizer, method, deepspeed=deepspeed,
                          accum_steps=cfg.train.accum_steps, channels_last=cfg.train.channels_last,
@@ -153,7 +165,8 @@ def resume(run: Run) -> None:
     remove_partial(run.accelerator, run.run_dir)
     if run.resume_from is None:
         return
-    load_checkpoint(run.accelerator, run.resume_from, marker=run.resume_marker)  # verified in build_run
+    # verified in build_run
+    load_checkpoint(run.accelerator, run.resume_from, marker=run.resume_marker, sharded=run.sharded)
     run.accelerator.print(f"resumed from {run.resume_from} (epoch {run.state.epoch}, step {run.state.step})")
     saved_world = int(run.resume_marker.get("world_size", run.world))
     if saved_world != run.world:
@@ -203,6 +216,12 @@ def check_resume_config(marker: Dict[str, Any], cfg: TrainConfig, path: Path, wo
         raise ConfigError(f"cannot resume {path}: it was written by {saved_world} processes, this run has {world}, "
                           "and DeepSpeed ZeRO partitions its optimizer state by process; resume with "
                           f"{saved_world} processes")
+    sharded = marker.get("distributed_type") == "FSDP2"
+    if sharded != (using_fsdp2() and not using_deepspeed()):
+        raise ConfigError(f"cannot resume {path}: it was written {'under' if sharded else 'without'} FSDP2 "
+                          f"(distributed_type={marker.get('distributed_type')!r}) and this launch is "
+                          f"{'not ' if sharded else ''}FSDP2, whose checkpoints are distributed state dicts; "
+                          "resume with the launch that wrote it, or start from `fap export` of it")
 
 
 def _build_data(cfg: TrainConfig, micro: int, world: int, rank: int):
@@ -243,10 +262,21 @@ def _build_method(cfg: TrainConfig, model, micro: int, num_classes: int) -> Tupl
                           f"micro-batch, which {method.name} cannot use: {e}") from e
 
 
-def _prepare(accelerator, model, optimizer, train_loader, eval_loader, prepared: Tuple[bool, bool]):
-    """``accelerator.prepare`` the model, optimizer and the loaders it should shard."""
+def _prepare(accelerator, model, optimizer, train_loader, eval_loader, prepared: Tuple[bool, bool], *,
+             fsdp2: bool = False):
+    """``accelerator.prepare`` the model, optimizer and the loaders it should shard.
+
+    Under FSDP2 the model is already sharded (`shard_fsdp2`) and the optimizer is plain
+    torch over its shards: only the loaders go through Accelerate, which on CPU would
+    otherwise wrap the model in DDP, and whose checkpointing fap replaces with
+    distributed state dicts (`fap.checkpoint`).
+    """
     loaders = [loader for loader, p in zip((train_loader, eval_loader), prepared) if p]
-    out = list(accelerator.prepare(model, optimizer, *loaders))
+    if fsdp2:
+        done = accelerator.prepare(*loaders) if loaders else ()
+        out = [model, optimizer, *(done if isinstance(done, tuple) else (done,))]
+    else:
+        out = list(accelerator.prepare(model, optimizer, *loaders))
     model, optimizer, rest = out[0], out[1], out[2:]
     if prepared[0]:
         train_loader = rest.pop(0)

@@ -13,6 +13,9 @@ across processes exactly once, or the update is not the closed-form one
 * `PerBackwardUpdate`: DeepSpeed without it (older DeepSpeed, optimizers it does not
   cover): ``sync_gradients`` off for all but the last backward, which reduces and steps;
   exact at 3x the gradient traffic.
+* `FSDPUpdate`: PyTorch FSDP2 (``fully_shard``): ``set_requires_gradient_sync(False)``
+  for every pass but the last, whose backward reduce-scatters once (in fp32); then
+  clipping on the sharded gradients and ``optimizer.step`` on the shards.
 
 Each returns the metrics, the gradient norm and the branches that were non-finite on any
 process. Counting non-finite values is a pure function (`nonfinite_counts`); agreeing on
@@ -29,7 +32,8 @@ import torch
 
 from fap.data import to_unit_float
 
-__all__ = ["UpdateResult", "Update", "LocalUpdate", "CoalescedUpdate", "PerBackwardUpdate", "make_update",
+__all__ = ["UpdateResult", "Update", "LocalUpdate", "CoalescedUpdate", "PerBackwardUpdate", "FSDPUpdate",
+           "make_update",
            "nonfinite_counts", "agree"]
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -130,15 +134,12 @@ class LocalUpdate(Update):
 
     def __call__(self, batches, *, stop_requested=False):
         saved = [b.detach().clone() for b in self.unwrapped.buffers()] if self.restore_on_skip else None
-        no_sync = lambda: self.accelerator.no_sync(self.model)  # noqa: E731
         metrics = []
         for i, batch in enumerate(batches):
-            outer = contextlib.nullcontext() if i == len(batches) - 1 else no_sync()
+            outer = contextlib.nullcontext() if i == len(batches) - 1 else self._no_sync()
             with outer:
-                metrics.append(self._micro_step(batch, no_sync))
-        grad_norm = None
-        if self.clip_grad:
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+                metrics.append(self._micro_step(batch, self._no_sync))
+        grad_norm = self._clip() if self.clip_grad else None
         bad, stop = self._agree(metrics, grad_norm, stop_requested)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
@@ -150,6 +151,12 @@ class LocalUpdate(Update):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return UpdateResult(metrics, _item(grad_norm), [], stop)
+
+    def _no_sync(self) -> ContextManager:
+        return self.accelerator.no_sync(self.model)
+
+    def _clip(self):
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad)
 
 
 class CoalescedUpdate(Update):
@@ -197,14 +204,47 @@ class PerBackwardUpdate(Update):
             self.accelerator.sync_gradients = previous
 
 
+class FSDPUpdate(LocalUpdate):
+    """PyTorch FSDP2: gradients stay unsharded and local (``set_requires_gradient_sync(False)``)
+    for every pass but the last; the last backward reduce-scatters them once.
+
+    Nested uses (the outer micro-batch loop and the method's own ``no_sync`` around its
+    first passes) turn synchronisation back on only when the outermost one exits.
+    Clipping uses ``torch.nn.utils.clip_grad_norm_``, which reduces the norm over shards.
+    """
+    description = "FSDP2 set_requires_gradient_sync (one reduce-scatter per update)"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._no_sync_depth = 0
+
+    def _clip(self):
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    @contextlib.contextmanager
+    def _no_sync(self):
+        if self._no_sync_depth == 0:
+            self.model.set_requires_gradient_sync(False)
+        self._no_sync_depth += 1
+        try:
+            yield
+        finally:
+            self._no_sync_depth -= 1
+            if self._no_sync_depth == 0:
+                self.model.set_requires_gradient_sync(True)
+
+
 def make_update(accelerator, model, optimizer, method, *, deepspeed: bool, **kwargs) -> Update:
-    """The update for this set-up: coalesced or per-backward under DeepSpeed, else local
-    (described as ``no_sync`` when several processes reduce)."""
-    from fap.engine.distributed import can_coalesce
+    """The update for this set-up: coalesced or per-backward under DeepSpeed, FSDP2's for a
+    ``fully_shard``-ed model, else local (described as ``no_sync`` when several processes reduce)."""
+    from fap.engine.distributed import can_coalesce, is_fsdp2
 
     if deepspeed:
         cls = CoalescedUpdate if can_coalesce(model) else PerBackwardUpdate
         return cls(accelerator, model, optimizer, method, **kwargs)
+    if is_fsdp2(model):
+        return FSDPUpdate(accelerator, model, optimizer, method, **kwargs)
     update = LocalUpdate(accelerator, model, optimizer, method, **kwargs)
     if accelerator.num_processes > 1:
         update.description = "no_sync (one all-reduce per update)"
