@@ -17,6 +17,8 @@ EXPECTED = {
     "cpu_multiprocess.yaml": "MULTI_GPU",
     "deepspeed_zero2.yaml": "DEEPSPEED",
     "deepspeed_zero3.yaml": "DEEPSPEED",
+    "fsdp2.yaml": "FSDP",
+    "fsdp2_shard_grad_op.yaml": "FSDP",
 }
 
 
@@ -32,6 +34,8 @@ def test_yaml_parses_with_accelerate(name):
     assert str(cfg.distributed_type).split(".")[-1] == EXPECTED[name]
     raw = yaml.safe_load((CONFIGS / name).read_text())
     assert raw["distributed_type"] == EXPECTED[name], "quote NO: bare NO is YAML's False"
+    if name.startswith("fsdp2"):
+        assert cfg.fsdp_config["fsdp_version"] == 2, "fap drives FSDP2 only (FSDP1 is refused)"
     if name == "multi_node.yaml":
         assert cfg.num_machines == 2 and cfg.num_processes == 16 and cfg.machine_rank == 0
 
