@@ -8,6 +8,7 @@ so drift of a shared machine falls on both. Prints each measurement and the medi
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def main() -> int:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 env = {"PYTHONPATH": str(Path(getattr(args, name)).resolve())}
                 subprocess.run([sys.executable, "-c", PROBE, f.name, *bench_args], check=True,
-                               env={**__import__("os").environ, **env}, stdout=subprocess.DEVNULL)
+                               env={**os.environ, **env}, stdout=subprocess.DEVNULL)
                 r = json.loads(Path(f.name).read_text())
             results[name].append(r)
             print(f"pair {i + 1} {name}: fap {r['fap_seconds']:.3f} s, bare {r['bare_seconds']:.3f} s, "
