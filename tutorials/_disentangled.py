@@ -39,6 +39,7 @@ from fap.methods import CONFIGS, build_method
 
 EPSILON = 8.0          # training attack budget, in 1/255 pixel units, for every adversarial arm
 MODEL = dict(name="test_resnet", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+LR = 4e-3              # AdamW, per loader batch; chosen on vanilla pilots alone (pilots/02_schedule.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +57,8 @@ class Size:
 
 
 SIZES = {
-    "full": Size(train_images=3840, val_images=None, corrupted_per_class=20, seeds=(0, 1, 2), epochs=12,
-                 robust_images=1000, workers=2, reference_epochs=30),
+    "full": Size(train_images=3840, val_images=None, corrupted_per_class=20, seeds=(0, 1, 2), epochs=18,
+                 robust_images=1000, workers=2, reference_epochs=36),
     "ci": Size(train_images=160, val_images=100, corrupted_per_class=1, seeds=(0,), epochs=6,
                robust_images=20, workers=1, reference_epochs=8, max_steps=2),
 }
@@ -171,7 +172,7 @@ def config(arm: Arm, protocol: str, seed: int, size: Size, paths: Dict[str, str]
         model=fap.ModelConfig(**MODEL, dual_norm=arm.method != "vanilla" and arm.norms == "dual",
                               aux_group_size=16 if fast_dual else None),
         method=method_config(arm),
-        optim=fap.OptimConfig(opt="adamw", lr=2e-3, lr_base_size=batch, weight_decay=0.05),
+        optim=fap.OptimConfig(opt="adamw", lr=LR, lr_base_size=batch, weight_decay=0.05),
         sched=fap.ScheduleConfig(sched="cosine", warmup_epochs=0.5, warmup_lr=1e-4),
         # the final weights, aux norms included, for the branch evaluation
         checkpoint=fap.CheckpointConfig(every_steps=0, every_epochs=n, keep=1),
