@@ -46,6 +46,7 @@ from fap.evaluation.folders import ModelFolder, imagenet_c_layout, list_class_fo
 from fap.evaluation.loading import LoadedModel, load_model, wrap_module
 from fap.evaluation.loop import score_loader
 from fap.evaluation.metrics import corruption_summary
+from fap.evaluation.paper import compare, paper_result
 from fap.evaluation.report import flatten, format_markdown, write_report
 
 __all__ = [
@@ -468,6 +469,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the PGD random start")
     parser.add_argument("--out", default=None, help="directory for results.json and results.md "
                                                      "(default: eval-<model folder name>)")
+    parser.add_argument("--compare", default=None, metavar="ROW",
+                        help="put the results beside what the Fast AdvProp paper reports for ROW, e.g. "
+                             "table1/fast_advprop (recipes/paper.py --list shows the rows; fap.evaluation.paper)")
 
 
 def parse_suite(tokens: Sequence[str], args: argparse.Namespace) -> Tuple[SuiteConfig, str]:
@@ -515,6 +519,11 @@ def _run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     suite, data_path = parse_suite(args.suite, args)
+    if args.compare:
+        try:  # an unknown row fails before any evaluation
+            paper_result(args.compare)
+        except ValueError as e:
+            raise ValueError(f"--compare {args.compare}: {e}") from None
     accelerator = Accelerator()
     info = load_model(args.model, model_name=args.model_name, ema=args.ema, branch=args.branch)
     data = None
@@ -527,9 +536,11 @@ def _run(args: argparse.Namespace) -> int:
                           interpolation=args.interpolation or info.interpolation or DEFAULT_INTERPOLATION,
                           num_workers=args.num_workers)
     out = args.out or f"eval-{os.path.basename(os.path.normpath(args.model))}"
-    results = evaluate_model(info, suite, data=data, classes=args.classes, accelerator=accelerator, out_dir=out,
-                       branch=args.branch)
+    results = evaluate_model(info, suite, data=data, classes=args.classes, accelerator=accelerator, branch=args.branch)
+    if args.compare:
+        results["paper"] = compare(results, args.compare)
     if accelerator.is_main_process:
+        write_report(results, out)
         print(format_markdown(results))
         print(f"\nwrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'results.md')}")
     return 0

@@ -39,6 +39,7 @@ and where it does not:
 """
 import dataclasses
 import sys
+from typing import Optional
 
 import fap
 from fap.data import DataConfig
@@ -48,8 +49,11 @@ VANILLA_EPOCHS, VANILLA_MILESTONES = 105, (30, 60, 90, 100)
 CLEAN_BATCH = 256  # the paper's batch of clean images per update
 
 
-def config(method: str = "fast_advprop") -> fap.TrainConfig:
-    method_cfg = CONFIGS[method]()
+def config(method: str = "fast_advprop", method_cfg: Optional[object] = None) -> fap.TrainConfig:
+    """The paper's ResNet-50 run for ``method``; ``method_cfg`` (that method's config, e.g. with
+    another p_adv) replaces its defaults, with the batch and budget following it
+    (`recipes/paper.py` builds every row of the paper on this)."""
+    method_cfg = method_cfg if method_cfg is not None else CONFIGS[method]()
     if method == "fast_advprop":
         # The loader batch grows so that the clean part stays 256: 320 = 256 + 64 (p_adv = 0.2).
         batch = round(CLEAN_BATCH / (1 - method_cfg.p_adv))

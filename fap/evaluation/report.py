@@ -13,7 +13,7 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["flatten", "format_markdown", "write_report"]
+__all__ = ["flatten", "format_markdown", "paper_lines", "write_report"]
 
 SET_TITLES = {
     "imagenet_r": "ImageNet-R",
@@ -89,7 +89,27 @@ def format_markdown(results: Dict) -> str:
         rows = [[name] + [_fmt(e) for e in v["errors"]] + [_fmt(v["error"]), _fmt(v["ce"]), _fmt(v["relative_ce"])]
                 for name, v in c["corruptions"].items()]
         lines += _table(["corruption", "1", "2", "3", "4", "5", "mean err ↓", "CE ↓", "rel. CE ↓"], rows) + [""]
+    if "paper" in results:
+        lines += paper_lines(results["paper"])
     return "\n".join(lines)
+
+
+def _as_printed(value: float) -> str:
+    """A paper's number with the decimals it was printed with (one, or two where it gives two)."""
+    return f"{value:.1f}" if round(value, 1) == value else f"{value:.2f}"
+
+
+def paper_lines(paper: Dict) -> List[str]:
+    """`fap.evaluation.paper.compare`'s output as a markdown table: ours, the paper's, the difference."""
+    title = f"paper: {paper['row']}"
+    rows = [[m["metric"], _fmt(m["ours"]), "not given" if m["paper"] is None else _as_printed(m["paper"]),
+             "–" if m["difference"] is None else f"{m['difference']:+.2f}"] for m in paper["metrics"]]
+    note = ("The paper's numbers: Mei et al., ICLR 2022 (`fap.evaluation.paper`). Difference = this evaluation minus "
+            "the paper, in points (↓: lower is better); – = not evaluated here. The paper's IN-C column is most "
+            "likely the unnormalised mean error (its code averages 19 corruptions).")
+    lines = [f"### Beside the paper: {paper['row']} ({paper['table']}, {paper['setting']})", ""]
+    lines += _table(["metric", "fap eval", title, "difference"], rows) + ["", note, ""]
+    return lines + ([f"Row note: {paper['note']}.", ""] if paper.get("note") else [])
 
 
 METRICS = ("top1", "top5", "clean_top1", "mce", "relative_mce", "mean_error", "mean_error_all")
