@@ -70,6 +70,7 @@ class Task:
     """Base: the task-specific half of a training step (see the module docstring)."""
 
     name = "task"
+    needs_targets = True
 
     def check(self, images: torch.Tensor, targets) -> None:
         if images.dim() != 4:
@@ -105,6 +106,12 @@ class ClassificationTask(Task):
     """Class indices (or soft targets), summed cross-entropy, top-1 hits."""
 
     name = "classification"
+    needs_targets = False  # the model's forward takes images only
+
+    def check(self, images, targets) -> None:
+        from fap.methods.base import check_images
+
+        check_images(images, targets)
 
     def forward(self, model, x, targets):
         return model(x)
@@ -124,6 +131,7 @@ class DetectionTask(Task):
     """Boxes and labels per image; the detector's per-image losses, summed (see the module docstring)."""
 
     name = "detection"
+    needs_targets = True  # the model's forward takes images and targets (its loss is inside)
 
     def check(self, images, targets) -> None:
         super().check(images, targets)
