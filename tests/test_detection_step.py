@@ -3,7 +3,8 @@
 The reference gradients use torchvision's own training forward (``net(images, targets)``
 in train mode, whose loss is the mean over images of the per-image terms), not
 `fap.detection.model.per_image_losses`; only the routing (tested in test_norm) is shared.
-fp64, so "equal" means equal to 1e-9. A ResNet-18 RetinaNet on 64-px images keeps it cheap.
+The network runs in fp64 (pixels stay fp32, as in the classification tests), so "equal"
+means equal to 1e-9. A ResNet-18 RetinaNet on 64-px images keeps it cheap.
 """
 import copy
 
@@ -32,7 +33,7 @@ def tiny_detector():
 
 def batch():
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(B, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
+    x = torch.rand(B, 3, SIZE, SIZE, generator=g)  # fp32 pixels, as the methods hand them over
     targets = []
     for i in range(B):
         xy = torch.rand(2, 2, generator=g, dtype=torch.float64) * 30
@@ -45,7 +46,7 @@ def torchvision_sum(model, x, targets):
     """Σ_i ℓ_i from torchvision's own training forward (its loss is the mean over images)."""
     net = model.net
     assert net.training
-    losses = net(list(x), [dict(t) for t in targets.targets])
+    losses = net(list(x.double()), [dict(t) for t in targets.targets])
     return x.shape[0] * (losses["classification"] + losses["bbox_regression"])
 
 
@@ -85,7 +86,7 @@ def test_fast_advprop_detection_gradients_equal_the_closed_form():
     b_c, b_a = 3, 2
     x_a, t_c, t_a = x[b_c:], t[:b_c], t[b_c:]
     x_noisy = inputs[1][0]
-    assert 0 < (x_noisy - x_a).abs().max() <= EPS / 255 + 1e-12  # a random start was taken
+    assert 0 < (x_noisy - x_a).abs().max() <= EPS / 255 + 1e-6  # a random start was taken
     m = copy.deepcopy(model0)
     with route(m, "main"):
         g_clean = grads_of(m, torchvision_sum(m, x[:b_c], t_c))

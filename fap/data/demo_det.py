@@ -8,9 +8,9 @@ deterministic stand-in offline, in the layout the detection pipeline reads
     DIR/train/images/000000.jpg ...        DIR/annotations/instances_train.json
     DIR/val/images/000000.jpg ...          DIR/annotations/instances_val.json
 
-Each image has the classification demo's cluttered background (`fap.data.demo`: value
-noise, patterned patches, lines, arcs and small shapes of any class, which are *not*
-annotated), then 2 to ``max_objects`` objects of the demo's shape families at a random
+Each image has the classification demo's textured background (`fap.data.demo`: value
+noise, patterned patches) and clutter of lines and arcs (not the demo's small shapes: an
+unannotated shape of an annotated class would be a wrong label), then 2 to ``max_objects`` objects of the demo's shape families at a random
 scale, aspect, rotation, position and fill, later ones in front of earlier ones, then
 colour jitter, blur and sensor noise. An object's box is the tight box of its drawn mask
 (amodal: occlusion by a later object does not shrink it). Categories are the demo's
@@ -30,7 +30,7 @@ import uuid
 from typing import Dict, List, Tuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from fap.data import demo as _demo
 from fap.data.base import is_complete, move_into_place
@@ -145,7 +145,7 @@ def render_det_image(rng: np.random.Generator, num_classes: int, *, image_size: 
     s = _demo._SUPERSAMPLE
     size = image_size * s
     canvas = _demo._background(rng, size)
-    _demo._clutter(rng, canvas, size)
+    _clutter(rng, canvas, size)
     objects = []
     for _ in range(int(rng.integers(2, max_objects + 1))):
         label = int(rng.integers(num_classes))
@@ -153,6 +153,21 @@ def render_det_image(rng: np.random.Generator, num_classes: int, *, image_size: 
         if box is not None:
             objects.append((label, tuple(round(v / s, 2) for v in box)))
     return _demo._finish(rng, canvas, image_size), objects
+
+
+def _clutter(rng: np.random.Generator, canvas: np.ndarray, size: int) -> None:
+    """The demo's clutter without its small shapes: an unannotated shape of an annotated class
+    would be a wrong label, not clutter."""
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 6))):
+        fill = tuple(int(x) for x in _demo._colour(rng))
+        if rng.random() < 0.55:
+            draw.line([tuple(p) for p in rng.uniform(0, size, (2, 2))], fill=fill, width=int(rng.integers(1, 5)))
+        else:
+            draw.arc(_demo._box(rng, size, 0.05, 0.2), start=float(rng.uniform(0, 360)),
+                     end=float(rng.uniform(0, 360)), fill=fill, width=int(rng.integers(1, 4)))
+    canvas[...] = np.asarray(img, dtype=np.float32)
 
 
 def _draw_det_object(rng: np.random.Generator, canvas: np.ndarray, name: str, size: int):

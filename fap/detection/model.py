@@ -86,9 +86,14 @@ class Detector(nn.Module):
     def forward(self, images: torch.Tensor, targets: Optional[List[Dict[str, torch.Tensor]]] = None):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}; divide uint8 by 255")
+        dtype = next(self.net.parameters()).dtype
+        if images.dtype != dtype:
+            images = images.to(dtype)  # attacks hand over fp32 pixels; the network may run in another dtype
         if targets is None:
-            return self.net(list(images.float()))
-        return per_image_losses(self.net, images.float(), targets)
+            return self.net(list(images))
+        return per_image_losses(self.net, images, targets)
 
     def export_state_dict(self) -> Dict[str, torch.Tensor]:
         """The detector's weights without auxiliary norms: loads strictly into `plain_retinanet`."""

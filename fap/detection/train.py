@@ -234,9 +234,12 @@ def train_detection(cfg: DetectionConfig) -> Dict[str, Any]:
     if not cfg.data_path:
         raise ConfigError("data_path is empty: point the run at a COCO-format root (DIR/<split>/images, "
                           "DIR/annotations/instances_<split>.json), e.g. `fap data demo-det --out data/demo-det`")
-    accelerator = Accelerator(kwargs_handlers=[  # as fap.engine: unused aux/main params, per-rank BN statistics
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[  # as fap.engine: CPU DDP
         DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)])
     world, rank = accelerator.num_processes, accelerator.process_index
+    if world != int(os.environ.get("WORLD_SIZE", "1")):
+        raise ConfigError(f"the launcher started {os.environ['WORLD_SIZE']} processes but Accelerate sees {world}: "
+                          "on a machine without GPUs launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu")
     train_set = dataset_for(cfg.data_path, "train", flip_prob=cfg.flip_prob, seed=cfg.seed)
     val_set = dataset_for(cfg.data_path, "val")
     method = build_method(cfg)
