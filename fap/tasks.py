@@ -153,7 +153,9 @@ class DetectionTask(Task):
         return model(x, targets.targets)
 
     def loss_sum(self, output, targets, label_smoothing: float = 0.0):
-        return output.float().sum()
+        if output.dtype in (torch.float16, torch.bfloat16):
+            output = output.float()  # losses in fp32 at least; fp64 stays fp64 (as ce_sum)
+        return output.sum()
 
     def metrics(self, prefix, loss_sum, output, targets):
         n = output.shape[0]
