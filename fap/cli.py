@@ -25,7 +25,7 @@ USER_ERROR_STATUS = 2
 SUBCOMMANDS = {
     "train": ("fap.cli", "train from the default config plus --section.key=value overrides "
                          "(recipes/*.py are the usual entry point; dispatched to train_cli)"),
-    "data": ("fap.data.cli", "make, convert and inspect datasets (demo, fashion-mnist, to-beton, inspect, corrupt)"),
+    "data": ("fap.data.cli", "make, convert and inspect datasets (demo, demo-det, fashion-mnist, to-beton, inspect, corrupt)"),
     "eval": ("fap.evaluate", "evaluate a checkpoint or export: clean, corruptions, renditions, adversarial"),
     "export": ("fap.checkpoint", "export a training checkpoint as a plain timm safetensors file"),
     "bench": ("fap.bench", "measure step cost and throughput"),

@@ -509,6 +509,10 @@ def run(args: argparse.Namespace) -> int:
     from fap.evaluation.loading import WeightsError
 
     try:
+        from fap.detection.train import evaluate_cli, is_detection_model
+
+        if is_detection_model(args.model):  # a RetinaNet run or export (#17): COCO mAP, clean and corrupted
+            return evaluate_cli(args)
         return _run(args)
     except (DataError, WeightsError, FileNotFoundError, ValueError) as e:
         print(f"fap eval: error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
 Subcommands::
 
     fap data demo --out DIR                      # draw the demo set (ImageNet layout, JPEG)
+    fap data demo-det --out DIR                  # draw the demo detection set (COCO format)
     fap data fashion-mnist --out DIR [--src DIR] [--max-train N] [--max-val N]
     fap data to-beton SRC OUT [--splits train val] [--write-mode proportion] [--max-resolution 500]
                               [--jpeg-quality 90] [--compress-probability 0.5]
@@ -47,6 +48,28 @@ def _run_demo(args: argparse.Namespace) -> int:
                     val_per_class=args.val_per_class, num_classes=args.num_classes, num_workers=args.num_workers)
     print(f"demo dataset ready in {out} (train/ and val/, ImageNet layout); train on it with "
           f"data.source=folder (or demo) data.path={out}")
+    return 0
+
+
+# -- demo-det -----------------------------------------------------------------------------------
+
+def _add_demo_det(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="destination directory (reused if already complete)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: 0)")
+    parser.add_argument("--image-size", type=int, default=96, help="side of the JPEGs in pixels (default: 96)")
+    parser.add_argument("--train-images", type=int, default=160, help="default: 160")
+    parser.add_argument("--val-images", type=int, default=40, help="default: 40")
+    parser.add_argument("--num-classes", type=int, default=5, help="use the first N demo shapes (default: 5)")
+    parser.add_argument("--max-objects", type=int, default=4, help="objects per image, 2..N (default: 4)")
+
+
+def _run_demo_det(args: argparse.Namespace) -> int:
+    from fap.data.demo_det import make_demo_det
+
+    out = make_demo_det(args.out, seed=args.seed, image_size=args.image_size, train_images=args.train_images,
+                        val_images=args.val_images, num_classes=args.num_classes, max_objects=args.max_objects)
+    print(f"demo detection set ready in {out} (train/images, val/images, annotations/instances_*.json, COCO "
+          f"format); corrupt its val split with: fap data corrupt {out}/val OUT")
     return 0
 
 
@@ -136,6 +159,7 @@ def _corrupt():
 
 SUBCOMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {
     "demo": ("draw the built-in demo dataset (ImageNet layout, JPEG)", _add_demo, _run_demo),
+    "demo-det": ("draw the built-in demo detection set (COCO format)", _add_demo_det, _run_demo_det),
     "fashion-mnist": ("write Fashion-MNIST's idx files as an ImageNet-layout folder", _add_fashion_mnist,
                       _run_fashion_mnist),
     "to-beton": ("write FFCV .beton files from a folder or HF dataset", _add_to_beton, _run_to_beton),

@@ -14,7 +14,8 @@ forward of ``[clean; adversarial]`` through one set of norms, so both halves sha
 statistics; ``shared`` also uses one set of norms but runs the clean and the adversarial
 half as two forward/backward passes (the first one without gradient reduction), each
 normalised by its own batch. The objective, loss weights and cost are the same in all
-three. The attack runs through the norms the adversarial images train with.
+three. The attack runs through the norms the adversarial images train with. A detector
+(`fap.tasks.DetectionTask`) needs ``targeted=False``: PGD ascends its summed detection loss.
 """
 from __future__ import annotations
 
@@ -24,10 +25,9 @@ from typing import Literal, Optional
 
 import torch
 
-from fap.attacks import ADVPROP_RANDOM_INIT_PROB, pgd
+from fap.attacks import ADVPROP_RANDOM_INIT_PROB, pgd, random_start, sign_step
 from fap.checks import ConfigError
-from fap.methods.base import (Method, MethodConfig, Norms, StepCost, branch_metrics, ce_sum, check_attack,
-                              check_images, check_norms)
+from fap.methods.base import Method, MethodConfig, Norms, StepCost, check_attack, check_norms
 from fap.norm import route, split_route
 
 __all__ = ["AdvProp", "AdvPropConfig"]
@@ -72,6 +72,13 @@ class AdvProp(Method):
     branches = ("clean", "adversarial")
     config_cls = AdvPropConfig
 
+    def validate(self) -> None:
+        """`Method.validate`; a detector has no single label to attack toward."""
+        super().validate()
+        if self.task.name == "detection" and self.config.targeted:
+            raise ConfigError("method.targeted=True: a detector has no single label per image to target; set "
+                              "method.targeted=false (untargeted PGD on the summed detection loss)")
+
     def split(self, batch_size: int):
         return batch_size, batch_size  # every image has an adversarial copy
 
@@ -82,8 +89,8 @@ class AdvProp(Method):
                         image_passes=(k + 2) * batch_size, vanilla=batch_size)
 
     def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, unwrapped_model=None):
-        c = self.config
-        check_images(images, labels)
+        c, task = self.config, self.task
+        task.check(images, labels)
         check_norms(model, c.norms, self.name)
         attacker = unwrapped_model if unwrapped_model is not None else model
         b = images.shape[0]
@@ -91,21 +98,22 @@ class AdvProp(Method):
         x_c, t_c = self._clean_targets(images, labels)
         if c.norms == "shared":
             with no_sync():
-                logits_c = model(x_c)
-                loss_clean = ce_sum(logits_c, t_c, c.label_smoothing)
+                logits_c = task.forward(model, x_c, t_c)
+                loss_clean = task.loss_sum(logits_c, t_c, c.label_smoothing)
                 backward(loss_clean / b)
-            logits_a = model(x_adv)
-            loss_adv = ce_sum(logits_a, labels)
+            logits_a = task.forward(model, x_adv, labels)
+            loss_adv = task.loss_sum(logits_a, labels)
             backward(loss_adv / b)
         else:  # dual: split routing; mixed: one set of norms, one batch
             with split_route(model, b):
-                logits = model(torch.cat([x_c, x_adv]))
-            logits_c, logits_a = logits[:b], logits[b:]
-            loss_clean = ce_sum(logits_c, t_c, c.label_smoothing)
-            loss_adv = ce_sum(logits_a, labels)
+                logits = task.forward(model, torch.cat([x_c, x_adv]),
+                                      task.cat([t_c, labels]) if task.needs_targets else None)
+            logits_c, logits_a = task.split(logits, b)
+            loss_clean = task.loss_sum(logits_c, t_c, c.label_smoothing)
+            loss_adv = task.loss_sum(logits_a, labels)
             backward((loss_clean + loss_adv) / b)
-        metrics = branch_metrics("clean", loss_clean, logits_c, t_c)
-        metrics.update(branch_metrics("adversarial", loss_adv, logits_a, labels))
+        metrics = task.metrics("clean", loss_clean, logits_c, t_c)
+        metrics.update(task.metrics("adversarial", loss_adv, logits_a, labels))
         metrics.update(self.cost(b).as_metrics())
         return metrics
 
@@ -116,6 +124,8 @@ class AdvProp(Method):
             attacker.eval()
         try:
             with route(attacker, "aux"):
+                if self.task.name != "classification":
+                    return self._task_pgd(attacker, images, labels)
                 num_classes = c.num_classes
                 if c.targeted and num_classes is None:
                     num_classes = _num_classes(attacker)
@@ -125,6 +135,23 @@ class AdvProp(Method):
         finally:
             for m, training in modes:
                 m.training = training
+
+
+    def _task_pgd(self, attacker, images, targets):
+        """Untargeted PGD-K on the task's summed loss (a detector: classification + box
+        regression), in [0, 1] pixel space, with `fap.attacks.pgd`'s step, start and projection."""
+        c, task = self.config, self.task
+        step = c.step if c.step is not None else (min(max(1.0, c.epsilon / c.attack_steps), c.epsilon)
+                                                  if c.epsilon > 0 else 0.0)
+        x = images.detach().float()
+        x_adv = random_start(x, c.epsilon, random_init_prob=c.random_init_prob)
+        for _ in range(c.attack_steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                loss = task.loss_sum(task.forward(attacker, x_adv, targets), targets)
+                (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = sign_step(x, x_adv, grad, epsilon=c.epsilon, step=step)
+        return x_adv
 
 
 def _num_classes(model) -> int:

@@ -1,6 +1,8 @@
 """What every training method shares: the step interface, losses, metrics, cost.
 
-A method turns ``(model, images, labels)`` into forward and backward passes. It is handed
+A method turns ``(model, images, labels)`` into forward and backward passes; its task
+(`fap.tasks`: classification by default, or detection) says how a batch's loss is computed
+and how its targets are read, so the passes are the same for every task. It is handed
 ``backward`` (the engine binds it to ``accelerator.backward``) and ``no_sync`` (a context
 factory in which forward + backward accumulate gradients locally without communication;
 the engine binds it to DDP's ``no_sync``, or to a no-op when it coalesces the reduction
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from fap.attacks import check_epsilon
 from fap.checks import ConfigError, check_choices, require
 from fap.norm import dual_norm_modules, ghost_groups_fit, has_dual_norm
+from fap.tasks import CLASSIFICATION, Task
 
 __all__ = [
     "Method",
@@ -172,7 +175,9 @@ class Method:
     #: The passes whose losses `train_step` reports (``loss_<branch>`` etc.), in order.
     branches: Tuple[str, ...] = ("clean",)
 
-    def __init__(self, config=None, *, mixup_fn: Optional[MixupFn] = None, **overrides):
+    def __init__(self, config=None, *, mixup_fn: Optional[MixupFn] = None, task: Optional[Task] = None,
+                 **overrides):
+        self.task = task if task is not None else CLASSIFICATION
         cfg = config if config is not None else self.config_cls()
         if overrides:
             valid = {f.name for f in fields(self.config_cls)}
@@ -187,8 +192,16 @@ class Method:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ConfigError` (a ``ValueError``) for inconsistent switches (`MethodConfig.validate`)."""
+        """Raise `ConfigError` (a ``ValueError``) for inconsistent switches (`MethodConfig.validate`),
+        and for switches the task has no use for (a detector: no Mixup, no label smoothing)."""
         self.config.validate(mixup_enabled=self.mixup_fn is not None)
+        if self.task.name == "detection":
+            if self.mixup_fn is not None:
+                raise ConfigError(f"{self.name}: Mixup/CutMix is for classification; a detection run has no "
+                                  "soft targets to mix (set mixup.enabled=false)")
+            smoothing = getattr(self.config, "label_smoothing", 0.0)
+            require(smoothing == 0.0, "method.label_smoothing", smoothing,
+                    "0.0 for detection (the focal loss has no label smoothing)")
 
     def cost(self, batch_size: int) -> StepCost:
         """Forward/backward passes and image-passes of one step on a loader batch."""

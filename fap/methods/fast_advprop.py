@@ -32,6 +32,11 @@ are each process's own; the training loaders drop the last incomplete batch, so 
 rank has the same ``B_c`` and ``B_a`` and the mean over ranks is the global normalisation
 (Shuffling BN's exchange needs the equal ``B_a`` too).
 
+A detector (`fap.tasks.DetectionTask`, Table 7) takes the same passes: the per-sample
+loss of an image is its detection loss (focal classification + box regression), the attack
+ascends the summed loss of the noisy images in [0, 1] pixel space, and boxes do not move
+(FGSM changes pixels only; the attack cannot translate an object).
+
 ``fused=True`` runs the clean and the first noisy pass as one forward/backward with split
 routing (first B_c rows main, rest aux); the gradients are the same as the three-pass form.
 It is slower on a CPU: one batched pass computes the first layer's input gradient for
@@ -52,8 +57,7 @@ import torch.distributed as dist
 
 from fap.attacks import random_start, sign_step
 from fap.checks import ConfigError, require
-from fap.methods.base import (Method, MethodConfig, Norms, StepCost, branch_metrics, ce_sum, check_attack,
-                              check_images, check_norms)
+from fap.methods.base import Method, MethodConfig, Norms, StepCost, check_attack, check_norms
 from fap.norm import dual_norm_modules, has_batch_norm, route, set_grad_scale, split_route
 
 __all__ = [
@@ -200,8 +204,8 @@ class FastAdvProp(Method):
 
     # -- the step --------------------------------------------------------------------
     def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, unwrapped_model=None):
-        c = self.config
-        check_images(images, labels)
+        c, task = self.config, self.task
+        task.check(images, labels)
         check_norms(model, c.norms, self.name)
         b = images.shape[0]
         b_c, b_a = split_sizes(b, c.p_adv)
@@ -227,10 +231,10 @@ class FastAdvProp(Method):
                     first = False
                 elif c.norms != "mixed":
                     with route(model, "main"):
-                        logits_c = model(x_c)
-                    loss_c = ce_sum(logits_c, t_c, c.label_smoothing)
+                        logits_c = task.forward(model, x_c, t_c)
+                    loss_c = task.loss_sum(logits_c, t_c, c.label_smoothing)
                     backward(k * loss_c)
-                    metrics.update(branch_metrics("clean", loss_c, logits_c, t_c))
+                    metrics.update(task.metrics("clean", loss_c, logits_c, t_c))
                 for _ in range(c.attack_steps - (0 if first else 1)):
                     x_cur = self._noisy_pass(model, unwrapped_model, x_a, x_cur, y_a, backward, k, step,
                                              metrics if first else None)
@@ -242,10 +246,10 @@ class FastAdvProp(Method):
                                                 contextlib.nullcontext()))
             else:
                 with route(model, "aux"):
-                    logits_a = model(x_adv)
-                loss_a = ce_sum(logits_a, y_adv)
+                    logits_a = task.forward(model, x_adv, y_adv)
+                loss_a = task.loss_sum(logits_a, y_adv)
                 backward(k * c.beta * loss_a)
-                metrics.update(branch_metrics("adversarial", loss_a, logits_a, y_adv))
+                metrics.update(task.metrics("adversarial", loss_a, logits_a, y_adv))
         finally:
             set_grad_scale(model, main=1.0, aux=1.0)
         metrics.update(self.cost(b).as_metrics())
@@ -255,34 +259,36 @@ class FastAdvProp(Method):
         """One forward/backward of ``[clean part; other rows]`` under ``routing``, loss weights
         1 and β: the fused clean + noisy pass (split routing) or, under ``norms="mixed"``, the
         clean + adversarial pass through one set of norms (one batch)."""
-        c = self.config
+        c, task = self.config, self.task
         b_c = x_c.shape[0]
         with routing:
-            logits = model(torch.cat([x_c, x_other]))
-        loss_c = ce_sum(logits[:b_c], t_c, c.label_smoothing)
-        loss_o = ce_sum(logits[b_c:], y_other)
+            logits = task.forward(model, torch.cat([x_c, x_other]),
+                                  task.cat([t_c, y_other]) if task.needs_targets else None)
+        out_c, out_o = task.split(logits, b_c)
+        loss_c = task.loss_sum(out_c, t_c, c.label_smoothing)
+        loss_o = task.loss_sum(out_o, y_other)
         backward(k * (loss_c + c.beta * loss_o))
-        return {**branch_metrics("clean", loss_c, logits[:b_c], t_c),
-                **branch_metrics(other, loss_o, logits[b_c:], y_other)}
+        return {**task.metrics("clean", loss_c, out_c, t_c),
+                **task.metrics(other, loss_o, out_o, y_other)}
 
     def _noisy_pass(self, model, unwrapped_model, x_a, x_cur, y_a, backward, k, step, metrics):
         """Forward the current point through the aux norms (train mode); return the next point."""
-        c = self.config
+        c, task = self.config, self.task
         x_n = x_cur.detach().requires_grad_(True)
         if c.reuse:
             with route(model, "aux"):
-                logits = model(x_n)
-            loss = ce_sum(logits, y_a)
+                logits = task.forward(model, x_n, y_a)
+            loss = task.loss_sum(logits, y_a)
             backward(k * c.beta * loss)
             grad = x_n.grad
         else:
             attacker = unwrapped_model if unwrapped_model is not None else model
             with route(attacker, "aux"), torch.enable_grad():
-                logits = attacker(x_n)
-                loss = ce_sum(logits, y_a)
+                logits = task.forward(attacker, x_n, y_a)
+                loss = task.loss_sum(logits, y_a)
                 (grad,) = torch.autograd.grad(loss, x_n)
         if metrics is not None:
-            metrics.update(branch_metrics("noisy", loss, logits, y_a))
+            metrics.update(task.metrics("noisy", loss, logits, y_a))
         return sign_step(x_a, x_n, grad, epsilon=c.epsilon, step=step)
 
     def _shuffle(self, model, x_adv: torch.Tensor, y: torch.Tensor):
@@ -315,16 +321,15 @@ class FastAdvProp(Method):
             perm = group_changing_permutation(total_groups, group_size).to(x_adv.device)
             return x_adv[perm], y[perm]
         xs = [torch.empty_like(x_adv) for _ in range(world)]
-        ys = [torch.empty_like(y) for _ in range(world)]
         dist.all_gather(xs, x_adv.contiguous())
-        dist.all_gather(ys, y.contiguous())
+        ys = self.task.all_gather(y, world)
         perm = group_changing_permutation(total_groups, group_size) if dist.get_rank() == 0 \
             else torch.empty(world * b_a, dtype=torch.long)
         perm = perm.to(x_adv.device)
         dist.broadcast(perm, src=0)
         rank = dist.get_rank()
         idx = perm[rank * b_a:(rank + 1) * b_a]
-        return torch.cat(xs)[idx], torch.cat(ys)[idx]
+        return torch.cat(xs)[idx], self.task.cat(ys)[idx]
 
 
 def _aux_group_size(model) -> Optional[int]:

@@ -1,14 +1,15 @@
 """Vanilla training: every image through the main norms, mean cross-entropy.
 
 The baseline of Mei et al. (ICLR 2022), Table 1. On a dual-norm model the auxiliary
-norms are simply never used.
+norms are simply never used. For a detector (`fap.tasks.DetectionTask`) the loss is the
+mean over images of the per-image detection losses: torchvision's own training loss.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
 
-from fap.methods.base import Method, MethodConfig, StepCost, branch_metrics, ce_sum, check_images
+from fap.methods.base import Method, MethodConfig, StepCost
 from fap.norm import route
 
 __all__ = ["Vanilla", "VanillaConfig"]
@@ -31,12 +32,13 @@ class Vanilla(Method):
         return StepCost(forward=1, backward=1, image_passes=batch_size, vanilla=batch_size)
 
     def train_step(self, model, images, labels, backward, *, no_sync=contextlib.nullcontext, unwrapped_model=None):
-        check_images(images, labels)
+        task = self.task
+        task.check(images, labels)
         x, t = self._clean_targets(images, labels)
         with route(model, "main"):
-            logits = model(x)
-        loss = ce_sum(logits, t, self.config.label_smoothing)
+            out = task.forward(model, x, t)
+        loss = task.loss_sum(out, t, self.config.label_smoothing)
         backward(loss / x.shape[0])
-        metrics = branch_metrics("clean", loss, logits, t)
+        metrics = task.metrics("clean", loss, out, t)
         metrics.update(self.cost(x.shape[0]).as_metrics())
         return metrics
