@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from fap.checks import import_extra
 from fap.config import ConfigError, TrainConfig
 
 __all__ = [
@@ -270,9 +271,19 @@ def check_deepspeed_dict(ds: Dict[str, Any], cfg: TrainConfig, src: str, micro_b
 
 
 def deepspeed_preflight(cfg: TrainConfig, micro_batch: int, world: int) -> None:
-    """Check the DeepSpeed JSON file before anything starts (DeepSpeed's set-up is slow)."""
+    """Check that DeepSpeed is installed and its JSON file fits, before anything starts (its set-up is slow).
+
+    Raises:
+        MissingExtra: deepspeed or transformers (which Accelerate's DeepSpeed support reads) is
+            missing; both come with ``pip install 'fap[deepspeed]'``.
+        ConfigError: the JSON file contradicts the config.
+    """
+    if not using_deepspeed():
+        return
+    for module in ("deepspeed", "transformers"):
+        import_extra(module, "deepspeed", "a DeepSpeed launch (accelerate launch --use_deepspeed)")
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if not using_deepspeed() or not path or not os.path.isfile(path):
+    if not path or not os.path.isfile(path):
         return
     with open(path) as f:
         try:
