@@ -1,7 +1,8 @@
 """``train.compile``: ``torch.compile`` of the network, and what it compiled during the run.
 
 The network is compiled in place (``nn.Module.compile``: state-dict keys unchanged) before
-DDP, DeepSpeed or FSDP2 wrap it. Routing between main and auxiliary norms
+DDP, DeepSpeed or FSDP2 wrap it; under DeepSpeed ZeRO-3 compile is refused at start
+(`check_compile`). Routing between main and auxiliary norms
 (`fap.norm.route`) is a Python attribute of each dual-norm layer; dynamo guards on it, so
 each pass of a method compiles its own graph once and later steps reuse them: Fast
 AdvProp's three passes (clean through the main norms; noisy with an input gradient and
@@ -22,7 +23,26 @@ from typing import Any, Dict, Iterator, List
 
 import torch
 
-__all__ = ["compile_network", "CompileWatch", "dynamo_counts"]
+__all__ = ["check_compile", "compile_network", "CompileWatch", "dynamo_counts"]
+
+
+def check_compile(compile_: bool, zero_stage) -> None:
+    """Refuse ``train.compile`` where it does not compose: DeepSpeed ZeRO-3.
+
+    ZeRO-3 keeps each parameter as an empty placeholder outside the forward of its module
+    and gathers it in a hook; dynamo traces the placeholders, and the first backward fails
+    ("attempting to assign a gradient of size [192] to a tensor of size [0]"; DeepSpeed
+    0.19.8, torch 2.14, aot_eager). ZeRO-2, FSDP2 and DDP compose with it (tests/test_compile.py).
+
+    Raises:
+        ConfigError: ``train.compile=true`` under ZeRO-3.
+    """
+    if compile_ and zero_stage == 3:
+        from fap.config import ConfigError
+
+        raise ConfigError("train.compile=true under DeepSpeed ZeRO-3: torch.compile cannot trace ZeRO-3's "
+                          "partitioned parameters (its first backward fails); use ZeRO-2, FSDP2 or DDP with "
+                          "train.compile, or train.compile=false under ZeRO-3")
 
 
 def compile_network(model: torch.nn.Module, backend: str) -> None:

@@ -21,7 +21,7 @@ import torch
 from fap.checkpoint import TrainState, load_checkpoint, register_state, remove_partial, resolve_resume, \
     verify_checkpoint
 from fap.config import ConfigError, TrainConfig, diff, method_name, to_dict, validate
-from fap.engine.compiled import CompileWatch, compile_network
+from fap.engine.compiled import CompileWatch, check_compile, compile_network
 from fap.engine.distributed import configure_deepspeed, deepspeed_preflight, main_process_first, \
     make_accelerator, shard_fsdp2, using_deepspeed, using_fsdp2, warn_oversubscribed
 from fap.engine.state import MethodRNG
@@ -120,6 +120,7 @@ def build_run(config: TrainConfig) -> Run:
     deepspeed_preflight(cfg, micro, world)
     accelerator, precision = make_accelerator(cfg, run_dir)
     zero_stage = configure_deepspeed(accelerator, cfg, micro)
+    check_compile(cfg.train.compile, zero_stage)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if using_fsdp2() and cfg.ema.enabled:
         raise ConfigError("ema.enabled=True under FSDP2: an EMA is a full replica of the weights on every rank, "
