@@ -47,7 +47,7 @@ def _applies(req: Requirement, env: Dict[str, str], extras: Iterable[str]) -> bo
     return any(req.marker.evaluate({**env, "extra": e}) for e in ("", *extras))
 
 
-def dependency_graph(report: Dict, env: Dict[str, str]) -> Dict[str, Dict]:
+def dependency_graph(report: Dict) -> Dict[str, Dict]:
     """``{name: {"version": v, "requires": [Requirement, ...]}}`` of every package in a pip report."""
     graph = {}
     for item in report["install"]:
@@ -84,7 +84,7 @@ def missing(report: Dict, *, present: List[str], absent: List[str], want: List[s
             python_version: str) -> List[str]:
     """``name==version`` of what ``want`` needs that a node with ``present`` minus ``absent`` lacks."""
     env = marker_env(python_version)
-    graph = dependency_graph(report, env)
+    graph = dependency_graph(report)
     unknown = [r for r in present + want if canonicalize_name(Requirement(r).name) not in graph]
     if unknown:
         raise SystemExit(f"gpu_wheels.py: {unknown} are not in the report; resolve them together with the rest")

@@ -93,11 +93,16 @@ def shard_fsdp2(accelerator, model: torch.nn.Module, precision: str) -> torch.nn
     In bf16 each BatchNorm (with its auxiliary copy) is its own FSDP unit whose parameters
     stay fp32: FSDP2 casts parameters, not buffers, and BatchNorm wants its affine
     parameters in the dtype of its fp32 running statistics; the activations stay bf16.
+
+    One process is refused (nothing to shard), except with ``FAP_FSDP2_ONE_PROCESS=1`` in a
+    launch that has a process group (Accelerate sets one up on a GPU): how
+    ``benchmarks/gpu_check.sh`` runs this path on a machine with one GPU.
     """
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if accelerator.num_processes < 2 or not (dist.is_available() and dist.is_initialized()):
+    grouped = dist.is_available() and dist.is_initialized()
+    if not grouped or (accelerator.num_processes < 2 and os.environ.get("FAP_FSDP2_ONE_PROCESS") != "1"):
         raise ConfigError(f"FSDP2 was asked for (ACCELERATE_USE_FSDP) but this launch has "
                           f"{accelerator.num_processes} process(es) and Accelerate set up no process group for "
                           "FSDP: sharding over one process gains nothing; launch without --use_fsdp, or with "
