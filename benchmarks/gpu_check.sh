@@ -17,7 +17,7 @@
 # 3. fap.train under FSDP2 (accelerate_configs/fsdp2.yaml), the same run, one process per GPU
 #    (FAP_FSDP2_ONE_PROCESS=1 lets a one-GPU machine through; CPU smoke: 2 processes).
 # 4. Cost sweep, compiled (train.compile, inductor), with whatever time is left.
-# 5. One table (ratios to vanilla of the same model, batch and mode) and the two runs:
+# 5. One table (benchmarks/gpu_report.py; ratios to vanilla of the same model, batch and mode) and the two runs:
 #    $OUT/gpu_<device>.txt/.json, copied to benchmarks/results/ (not in smoke mode).
 # A part that fails is recorded and the next one runs; the exit status is 1 if any failed.
 #
@@ -159,7 +159,7 @@ sweep_status sweep_compiled "${PIPESTATUS[0]}"
 part "5. report"
 results=(--wall-seconds $(($(date +%s) - start)))
 [ "$SMOKE" = 1 ] || results+=(--results-dir "$REPO/benchmarks/results")
-"$PY" "$REPO/benchmarks/gpu_sweep.py" report --out "$OUT" "${results[@]}" || failed+=(report)
+"$PY" "$REPO/benchmarks/gpu_report.py" --out "$OUT" "${results[@]}" || failed+=(report)
 if [ ${#failed[@]} -eq 0 ]; then
     echo "gpu_check done in $(($(date +%s) - start)) s; results in $OUT"
 else

@@ -173,6 +173,8 @@ def test_no_index_install_runs_the_gpu_check_in_smoke_mode(node_python, wheelhou
                           timeout=2400)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
     assert "installing" in proc.stdout and f"({out / 'site'}" in (out / "env.txt").read_text()
+    # the wheelhouse completes the node's packages: every requirement of everything is met
+    assert "No broken requirements found" in (out / "pip_check.txt").read_text()
     for mode in ("eager", "compiled"):
         rows = json.loads((out / f"sweep_{mode}.json").read_text())["rows"]
         models = 2 if mode == "eager" else 1  # smoke compiles one model: the same code path

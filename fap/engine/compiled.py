@@ -32,7 +32,7 @@ def check_compile(compile_: bool, zero_stage) -> None:
     ZeRO-3 keeps each parameter as an empty placeholder outside the forward of its module
     and gathers it in a hook; dynamo traces the placeholders, and the first backward fails
     ("attempting to assign a gradient of size [192] to a tensor of size [0]"; DeepSpeed
-    0.19.8, torch 2.14, aot_eager). ZeRO-2, FSDP2 and DDP compose with it (tests/test_compile.py).
+    0.19.8, torch 2.14, aot_eager). ZeRO-2 and FSDP2 compose with it (tests/test_distributed.py).
 
     Raises:
         ConfigError: ``train.compile=true`` under ZeRO-3.
