@@ -31,8 +31,10 @@
 #   compute; launch, DeepSpeed/NCCL set-up and demo data ~40 s each (cut at RUN_S = 120 s).
 #   Compiled: the same cells plus inductor's compile, an assumed 45 s per graph (a cell
 #   starts only if its graphs fit; gpu_sweep.py learns the real figure from the first ones).
-#   Expected: 90 + 40 + 40 s, leaving ~280 s of BUDGET_S = 460 s for compiled cells (about
-#   6 graphs: the 80-image cells first); worst case 150 + 120 + 120 s leaves ~60 s.
+#   Expected: 15 s of imports, then 90 + 40 + 40 s, leaving ~275 s of BUDGET_S = 460 s for
+#   compiled cells (about 6 graphs; the 80-image cells of both models first). Worst case: the
+#   eager sweep killed at EAGER_S + 60 s and both runs at RUN_S leave no compiled cell; the
+#   report still comes, at ~465 s.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 SMOKE=${GPU_CHECK_SMOKE:-0}

@@ -59,7 +59,10 @@ def report(args) -> int:
     out = Path(args.out)
     parts = {m: json.loads((out / f"sweep_{m}.json").read_text()) for m in ("eager", "compiled")
              if (out / f"sweep_{m}.json").is_file()}
-    rows = [r for p in parts.values() for r in p["rows"]]
+    order = ["vanilla", "fast_advprop", "fast_advprop_fused", "three_pass_floor"]
+    rows = sorted((r for p in parts.values() for r in p["rows"]),   # measured batch-first; shown model-first
+                  key=lambda r: (r["mode"] != "eager", r["model"], r["batch"],
+                                 order.index(r["method"]) if r["method"] in order else len(order)))
     first = next(iter(parts.values()), {})
     runs = {k: json.loads((out / f"{k}.json").read_text()) for k in ("zero2", "fsdp2") if (out / f"{k}.json").is_file()}
     peak = first.get("peak_tflops")
