@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from fap.checks import import_extra
 from fap.config import ConfigError, TrainConfig
+from fap.engine.compiled import check_compile
 
 __all__ = [
     "using_deepspeed", "make_accelerator", "check_deepspeed_dict", "deepspeed_preflight", "configure_deepspeed",
@@ -281,21 +282,26 @@ def deepspeed_preflight(cfg: TrainConfig, micro_batch: int, world: int) -> None:
     Raises:
         MissingExtra: deepspeed or transformers (which Accelerate's DeepSpeed support reads) is
             missing; both come with ``pip install 'fap[deepspeed]'``.
-        ConfigError: the JSON file contradicts the config.
+        ConfigError: the JSON file contradicts the config, or train.compile meets ZeRO-3
+            (`fap.engine.compiled.check_compile`).
     """
     if not using_deepspeed():
         return
     for module in ("deepspeed", "transformers"):
         import_extra(module, "deepspeed", "a DeepSpeed launch (accelerate launch --use_deepspeed)")
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if not path or not os.path.isfile(path):
-        return
-    with open(path) as f:
-        try:
-            ds = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    check_deepspeed_dict(ds, cfg, path, micro_batch, world, fill=False)
+    ds = None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            try:
+                ds = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    # the stage from the JSON file or `accelerate launch --zero_stage`; set-up checks it again
+    stage = (ds or {}).get("zero_optimization", {}).get("stage", os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"))
+    check_compile(cfg.train.compile, int(stage) if str(stage).isdigit() else None)
+    if ds is not None:
+        check_deepspeed_dict(ds, cfg, path, micro_batch, world, fill=False)
 
 
 def configure_deepspeed(accelerator, cfg: TrainConfig, micro_batch: int) -> Optional[int]:
