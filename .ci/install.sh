@@ -20,5 +20,5 @@ CONSTRAINTS="$(mktemp)"
 printf 'torch==2.14.1\ntorchvision==0.29.1\n' > "$CONSTRAINTS"
 "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 "$VENV/bin/pip" install -q -c "$CONSTRAINTS" torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v '^WARNING: Location' || true
-"$VENV/bin/pip" install -q -c "$CONSTRAINTS" -e ".[deepspeed,ffcv,notebooks,dev]" 2>&1 | grep -v '^WARNING: Location' || true
+"$VENV/bin/pip" install -q -c "$CONSTRAINTS" -e ".[deepspeed,ffcv,hf,notebooks,dev]" 2>&1 | grep -v '^WARNING: Location' || true
 "$VENV/bin/python" -c "import torch, torchvision, timm, accelerate, fap; print('fap', fap.__version__, '| torch', torch.__version__, '| timm', timm.__version__, '| accelerate', accelerate.__version__)"

@@ -51,6 +51,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from fap.checks import import_extra
+
 __all__ = [
     "MARKER",
     "FORMAT",
@@ -681,8 +683,9 @@ def load_checkpoint_weights(path: os.PathLike, *, ema: bool = False) -> Dict[str
         return _consolidate_sharded(path)
     if (path / "pytorch_model").is_dir():
         verify_checkpoint(path)  # DeepSpeed's loader unpickles without weights_only
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
+        zero_to_fp32 = import_extra("deepspeed.utils.zero_to_fp32", "deepspeed",
+                                    f"{path} (a DeepSpeed ZeRO checkpoint)")
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
     raise CheckpointError(f"{path}: no model weights found (model.safetensors, pytorch_model.bin, "
                           f"a DeepSpeed pytorch_model/ folder or an FSDP2 {FSDP2_MODEL}/ folder)")
 

@@ -10,14 +10,38 @@ configs, `fap.evaluation.config`) can use it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from typing import Any, Literal, Optional, Tuple, Union
 
-__all__ = ["ConfigError", "check_choices", "choices_text", "literal_choices", "require"]
+__all__ = ["ConfigError", "MissingExtra", "check_choices", "choices_text", "import_extra", "literal_choices", "require"]
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the key, the value and what is valid."""
+
+
+class MissingExtra(ConfigError, ImportError):
+    """An optional dependency is not installed; the message names the ``fap[extra]`` that installs it.
+
+    A `ConfigError` (the command line prints it in one line, exit status 2) and an
+    ``ImportError`` (code that tolerates a missing package still catches it).
+    """
+
+
+def import_extra(module: str, extra: str, needed_for: str):
+    """Import ``module`` (an optional dependency), or raise `MissingExtra`.
+
+    Args:
+        module: e.g. ``"datasets"``.
+        extra: the pyproject extra that installs it, e.g. ``"hf"``.
+        needed_for: what needs it, e.g. ``"data.source='hf'"``.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtra(f"{needed_for} needs the package {module.split('.')[0]!r}, which is not importable "
+                           f"here ({e}); install it with: pip install 'fap[{extra}]'") from e
 
 
 def literal_choices(tp: Any) -> Optional[Tuple[Any, ...]]:

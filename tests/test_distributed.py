@@ -132,6 +132,20 @@ def test_two_processes_match_one(backend, precision, reference, tiny_folder, tmp
         assert all(torch.equal(again[k], weights[k]) for k in weights)
 
 
+@pytest.mark.parametrize("backend", ["zero2", "fsdp2"])
+def test_compiled_runs_match_one_process(backend, reference, tiny_folder, tmp_path):
+    """train.compile composes with ZeRO-2 and FSDP2 (fp32): through AOTAutograd (aot_eager) the
+    gradient hooks both put on the parameters still fire, the weights are the reference's, and
+    nothing compiles after the first update (ZeRO-3 is refused: tests/test_compile.py)."""
+    out = tmp_path / "run"
+    args = tiny_vit_overrides(tiny_folder, out, **STEPS, **{"train.compile": "true", "train.compile_backend": "aot_eager"})
+    ds = _ds_json(tmp_path, 2, False) if backend == "zero2" else None
+    run(_module_cmd(args, processes=2, deepspeed_config=ds, fsdp2=backend == "fsdp2"))
+    assert _rel_error(load_export(out), reference["weights"], reference["init"]) < 1e-4
+    compiled = json.loads((out / "summary.json").read_text())["compile"]
+    assert compiled["graphs"] >= 3 and compiled["graph_breaks"] == 0 and compiled["late_compiling_updates"] == 0
+
+
 def test_fsdp2_resumes_bitwise(tiny_folder, tmp_path):
     """An FSDP2 run resumed from its mid-epoch checkpoint (distributed state dicts: sharded
     weights and momentum) ends bitwise where the uninterrupted run ends."""

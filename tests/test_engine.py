@@ -127,6 +127,11 @@ def test_channels_last_and_compile_change_nothing_but_speed(plain_run, tiny_fold
     la = [r for r in read_log(plain_run[0]) if r["type"] == "train"]
     lb = [r for r in read_log(out_dir) if r["type"] == "train"]
     assert [round(r["loss_adversarial"], 4) for r in la] == [round(r["loss_adversarial"], 4) for r in lb]
+    # what dynamo compiled (fap.engine.compiled.CompileWatch): one graph per pass in the first
+    # update (clean/main, noisy/aux with input gradient, adversarial/aux), one for evaluation
+    compiled = json.loads((out_dir / "summary.json").read_text())["compile"]
+    assert compiled["graphs"] == 4 and compiled["graph_breaks"] == 0, compiled
+    assert [u["graphs"] for u in compiled["first_updates"]] == [3, 0, 0, 0] and compiled["late_compiling_updates"] == 0
 
 
 def test_vanilla_with_accumulation_matches_one_big_batch(tiny_folder, tmp_path):

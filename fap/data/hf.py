@@ -26,16 +26,22 @@ import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import datasets
 import numpy as np
 import torch
-from datasets.data_files import SPLIT_KEYWORDS, get_data_patterns
+
+from fap.checks import import_extra
+
+try:  # optional (pip install 'fap[hf]'): detect_layout works without it, reading a split does not
+    import datasets
+    from datasets.data_files import SPLIT_KEYWORDS, get_data_patterns
+except ImportError:
+    datasets = SPLIT_KEYWORDS = get_data_patterns = None
 
 from fap.data.base import DataError, DataNotFoundError, SkipCounter, decode_rgb
 from fap.data.folder import FolderDataset, apply_transform, split_dir
 from fap.data.seeding import SampleSeeds
 
-__all__ = ["HFImageDataset", "detect_layout", "load_split", "split_classes"]
+__all__ = ["HFImageDataset", "detect_layout", "load_split", "require_datasets", "split_classes"]
 
 _logger = logging.getLogger(__name__)
 
@@ -68,12 +74,19 @@ def _is_saved(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
 
 
+def require_datasets() -> None:
+    """Raise `fap.checks.MissingExtra` (naming ``fap[hf]``) when HF ``datasets`` is not installed."""
+    if datasets is None:
+        import_extra("datasets", "hf", "reading an HF datasets directory (data.source='hf')")
+
+
 def resolve_split(requested: str, available: Sequence[str], *, where: str) -> str:
     """The split in ``available`` that ``requested`` names, using ``datasets``' split synonyms.
 
     Raises:
         DataError: no such split; the message lists the splits there are.
     """
+    require_datasets()
     available = [str(a) for a in available]
     if requested in available:
         return requested
@@ -100,7 +113,11 @@ def load_split(path: str, split: str, *, skip_corrupt: bool = False,
 
     Returns:
         The dataset and the number of files skipped while listing (image folders only).
+
+    Raises:
+        MissingExtra: HF ``datasets`` is not installed (``pip install 'fap[hf]'``).
     """
+    require_datasets()
     layout = detect_layout(path)
     skipped = 0
     if layout == "disk":

@@ -170,9 +170,10 @@ def _hf_split_names(path: str, layout: str) -> List[str]:
             with open(dict_file) as f:
                 return list(json.load(f)["splits"])
         return sorted(e.name for e in os.scandir(path) if os.path.isfile(os.path.join(e.path, "state.json")))
-    from datasets.data_files import get_data_patterns
+    from fap.data import hf
 
-    return [str(s) for s in get_data_patterns(path)]
+    hf.require_datasets()
+    return [str(s) for s in hf.get_data_patterns(path)]
 
 
 # -- FFCV -----------------------------------------------------------------------------------

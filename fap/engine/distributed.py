@@ -18,7 +18,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from fap.checks import import_extra
 from fap.config import ConfigError, TrainConfig
+from fap.engine.compiled import check_compile
 
 __all__ = [
     "using_deepspeed", "make_accelerator", "check_deepspeed_dict", "deepspeed_preflight", "configure_deepspeed",
@@ -92,11 +94,16 @@ def shard_fsdp2(accelerator, model: torch.nn.Module, precision: str) -> torch.nn
     In bf16 each BatchNorm (with its auxiliary copy) is its own FSDP unit whose parameters
     stay fp32: FSDP2 casts parameters, not buffers, and BatchNorm wants its affine
     parameters in the dtype of its fp32 running statistics; the activations stay bf16.
+
+    One process is refused (nothing to shard), except with ``FAP_FSDP2_ONE_PROCESS=1`` in a
+    launch that has a process group (Accelerate sets one up on a GPU): how
+    ``benchmarks/gpu_check.sh`` runs this path on a machine with one GPU.
     """
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if accelerator.num_processes < 2 or not (dist.is_available() and dist.is_initialized()):
+    grouped = dist.is_available() and dist.is_initialized()
+    if not grouped or (accelerator.num_processes < 2 and os.environ.get("FAP_FSDP2_ONE_PROCESS") != "1"):
         raise ConfigError(f"FSDP2 was asked for (ACCELERATE_USE_FSDP) but this launch has "
                           f"{accelerator.num_processes} process(es) and Accelerate set up no process group for "
                           "FSDP: sharding over one process gains nothing; launch without --use_fsdp, or with "
@@ -270,16 +277,31 @@ def check_deepspeed_dict(ds: Dict[str, Any], cfg: TrainConfig, src: str, micro_b
 
 
 def deepspeed_preflight(cfg: TrainConfig, micro_batch: int, world: int) -> None:
-    """Check the DeepSpeed JSON file before anything starts (DeepSpeed's set-up is slow)."""
-    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if not using_deepspeed() or not path or not os.path.isfile(path):
+    """Check that DeepSpeed is installed and its JSON file fits, before anything starts (its set-up is slow).
+
+    Raises:
+        MissingExtra: deepspeed or transformers (which Accelerate's DeepSpeed support reads) is
+            missing; both come with ``pip install 'fap[deepspeed]'``.
+        ConfigError: the JSON file contradicts the config, or train.compile meets ZeRO-3
+            (`fap.engine.compiled.check_compile`).
+    """
+    if not using_deepspeed():
         return
-    with open(path) as f:
-        try:
-            ds = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    check_deepspeed_dict(ds, cfg, path, micro_batch, world, fill=False)
+    for module in ("deepspeed", "transformers"):
+        import_extra(module, "deepspeed", "a DeepSpeed launch (accelerate launch --use_deepspeed)")
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    ds = None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            try:
+                ds = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    # the stage from the JSON file or `accelerate launch --zero_stage`; set-up checks it again
+    stage = (ds or {}).get("zero_optimization", {}).get("stage", os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"))
+    check_compile(cfg.train.compile, int(stage) if str(stage).isdigit() else None)
+    if ds is not None:
+        check_deepspeed_dict(ds, cfg, path, micro_batch, world, fill=False)
 
 
 def configure_deepspeed(accelerator, cfg: TrainConfig, micro_batch: int) -> Optional[int]:

@@ -198,4 +198,8 @@ def format_summary(s: Dict[str, Any]) -> str:
         f"  output: {s['output_dir']}" + (f"  export: {s['export'].get('model')}" if s.get("export") else ""),
         "=" * 72,
     ]
+    c = s.get("compile")
+    if c:
+        lines.insert(-2, f"  compile: {c['graphs']} graphs, {c['graph_breaks']} graph breaks; "
+                         f"{c['late_compiling_updates']} updates compiled after the first ones")
     return "\n".join(lines)

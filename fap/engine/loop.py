@@ -9,6 +9,7 @@ never imports `fap.attacks`: it knows nothing about adversarial examples.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
@@ -115,7 +116,8 @@ def one_update(run: Run, log: RunLog, signals: StopSignals, batches) -> None:
     if run.scheduler is not None:
         run.scheduler.step_update(num_updates=state.step)
     lr = max(g["lr"] for g in run.optimizer.param_groups)
-    with run.rng.scope():
+    watch = run.compile_watch.update(state.step + 1) if run.compile_watch else contextlib.nullcontext()
+    with run.rng.scope(), watch:
         result = run.update(batches, stop_requested=signals.received is not None)
     signals.stop = signals.stop or result.stop
     if result.nonfinite:
@@ -347,4 +349,5 @@ def summarize(run: Run, log: RunLog, last_eval: Dict[str, Any], *, train_seconds
         "train_seconds": train_seconds, "eval_seconds": log.paused_seconds["eval"],
         "checkpoint_seconds": log.paused_seconds["checkpoint"], "images_per_s": images / max(train_seconds, 1e-9),
         "nonfinite_skipped": state.nonfinite_skipped, "output_dir": str(run.run_dir),
+        **({"compile": run.compile_watch.summary()} if run.compile_watch and run.compile_watch.enabled else {}),
     }

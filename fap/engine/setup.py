@@ -21,6 +21,7 @@ import torch
 from fap.checkpoint import TrainState, load_checkpoint, register_state, remove_partial, resolve_resume, \
     verify_checkpoint
 from fap.config import ConfigError, TrainConfig, diff, method_name, to_dict, validate
+from fap.engine.compiled import CompileWatch, check_compile, compile_network
 from fap.engine.distributed import configure_deepspeed, deepspeed_preflight, main_process_first, \
     make_accelerator, shard_fsdp2, using_deepspeed, using_fsdp2, warn_oversubscribed
 from fap.engine.state import MethodRNG
@@ -78,6 +79,7 @@ class Run:
     marker: Dict[str, Any]
     resume_from: Optional[Path] = None
     resume_marker: Optional[Dict[str, Any]] = None
+    compile_watch: Optional[CompileWatch] = None
 
     @property
     def sharded(self) -> Optional[Tuple[Any, Any]]:
@@ -118,6 +120,7 @@ def build_run(config: TrainConfig) -> Run:
     deepspeed_preflight(cfg, micro, world)
     accelerator, precision = make_accelerator(cfg, run_dir)
     zero_stage = configure_deepspeed(accelerator, cfg, micro)
+    check_compile(cfg.train.compile, zero_stage)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if using_fsdp2() and cfg.ema.enabled:
         raise ConfigError("ema.enabled=True under FSDP2: an EMA is a full replica of the weights on every rank, "
@@ -157,7 +160,8 @@ def build_run(config: TrainConfig) -> Run:
                optimizer=optimizer, lr=lr, scheduler=scheduler, ema=ema, train_loader=train_loader,
                eval_loader=eval_loader, prepared_train=prepared[0], prepared_eval=prepared[1],
                num_classes=num_classes, updates_per_epoch=updates_per_epoch, update=update, state=state, rng=rng,
-               marker=marker, resume_from=resume_from, resume_marker=resume_marker)
+               marker=marker, resume_from=resume_from, resume_marker=resume_marker,
+               compile_watch=CompileWatch(cfg.train.compile))
 
 
 def resume(run: Run) -> None:
@@ -248,7 +252,7 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if t.compile:
-        model.net.compile(backend=t.compile_backend)  # in place: state-dict keys unchanged
+        compile_network(model, t.compile_backend)  # in place: state-dict keys unchanged
     return model
 
 
