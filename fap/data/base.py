@@ -15,7 +15,9 @@ import io
 import json
 import multiprocessing
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import shutil
+import uuid
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -25,6 +27,7 @@ __all__ = [
     "DataNotFoundError",
     "IMAGE_EXTENSIONS",
     "SkipCounter",
+    "build_atomically",
     "collate_uint8",
     "decode_rgb",
     "is_complete",
@@ -141,6 +144,38 @@ def is_complete(out_dir: str, settings: Dict, marker: str) -> bool:
             return json.load(f) == json.loads(json.dumps(settings))
     except (OSError, ValueError):
         return False
+
+
+def build_atomically(out_dir: str, settings: Dict, marker: str, write: Callable[[str], None], *, what: str) -> str:
+    """Make a generated dataset at ``out_dir`` once and atomically; returns ``out_dir`` (absolute).
+
+    A finished ``out_dir`` made with the same ``settings`` is kept as it is. Otherwise
+    ``write(tmp)`` fills a private sibling folder (same file system), the ``marker`` file
+    holding ``settings`` is written last, and the folder is renamed into place; the sibling
+    is removed on any error, so nothing half-written is left behind.
+
+    Raises:
+        FileExistsError: ``out_dir`` holds something else (``what`` names what it is not).
+    """
+    out_dir = os.path.abspath(out_dir)
+    if is_complete(out_dir, settings, marker):
+        return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a complete {what} made with {settings} (its {marker} "
+                              "is missing or differs); delete it or choose another directory")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)  # keeps the umask
+    try:
+        write(tmp)
+        with open(os.path.join(tmp, marker), "w") as f:
+            json.dump(settings, f, indent=1, sort_keys=True)
+        move_into_place(tmp, out_dir, settings, marker)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def move_into_place(tmp: str, out_dir: str, settings: Dict, marker: str) -> None:

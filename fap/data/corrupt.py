@@ -29,19 +29,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import multiprocessing
 import os
-import shutil
-import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-from fap.data.base import is_complete, move_into_place
+from fap.data.base import build_atomically
 
 __all__ = [
     "ALL_CORRUPTIONS",
@@ -245,15 +242,14 @@ def make_corrupted(
     }
     if per_class is not None:  # only when set: copies made before the option still match
         settings["per_class"] = int(per_class)
-    if is_complete(out, settings, MARKER):
-        return out
-    if os.path.isdir(out) and os.listdir(out):
-        raise FileExistsError(f"{out} exists and is not a complete copy made with these settings (its {MARKER} "
-                              f"is missing or differs); delete it or choose another directory")
     if os.path.commonpath([src, out]) == src:
         raise ValueError(f"out={out} is inside src={src}; write the corrupted copy elsewhere")
-    _write_atomically(out, settings, pairs, names, num_workers=num_workers, progress=progress)
-    return out
+
+    def write(tmp: str) -> None:
+        _run_jobs([(c, s, tmp, pairs, names, settings) for c in settings["corruptions"] for s in settings["severities"]],
+                  num_workers=num_workers, progress=progress)
+
+    return build_atomically(out, settings, MARKER, write, what="copy")
 
 
 def _check_settings(corruptions, severities, *, image_size, crop_pct, jpeg_quality, per_class):
@@ -288,25 +284,6 @@ def _first_per_class(pairs: List[Tuple[str, str]], per_class: Optional[int]) -> 
             taken[cls] = taken.get(cls, 0) + 1
             kept.append((cls, path))
     return kept
-
-
-def _write_atomically(out: str, settings: Dict, pairs: List[Tuple[str, str]], names: List[str], *,
-                      num_workers: Optional[int], progress: bool) -> None:
-    """Write every (corruption, severity) set into a hidden sibling of ``out``, mark it complete,
-    then move it into place."""
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        jobs = [(c, s, tmp, pairs, names, settings) for c in settings["corruptions"] for s in settings["severities"]]
-        _run_jobs(jobs, num_workers=num_workers, progress=progress)
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump(settings, f, indent=1, sort_keys=True)
-        move_into_place(tmp, out, settings, MARKER)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _package_version() -> str:

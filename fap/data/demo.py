@@ -29,15 +29,13 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from fap.data.base import is_complete, move_into_place
+from fap.data.base import build_atomically
 
 __all__ = ["CLASSES", "MARKER", "is_demo", "make_demo", "render_image"]
 
@@ -94,27 +92,8 @@ def make_demo(
         raise ValueError(f"image_size={image_size}: use at least 16 px")
     if train_per_class < 1 or val_per_class < 1:
         raise ValueError(f"train_per_class={train_per_class}, val_per_class={val_per_class}: need at least 1 each")
-    out_dir = os.path.abspath(out_dir)
-    if is_complete(out_dir, settings, MARKER):
-        return out_dir
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(
-            f"{out_dir} exists and is not a complete fap demo made with {settings} "
-            f"(its {MARKER} is missing or differs); delete it or choose another directory")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    # a private sibling (same file system, so the final rename is atomic); os.makedirs keeps the umask
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        _write_all(tmp, settings, num_workers=num_workers)
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump(settings, f, indent=1, sort_keys=True)
-        move_into_place(tmp, out_dir, settings, MARKER)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return build_atomically(out_dir, settings, MARKER, lambda tmp: _write_all(tmp, settings, num_workers=num_workers),
+                            what="fap demo")
 
 
 def is_demo(path: str) -> bool:

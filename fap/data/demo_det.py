@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from fap.data import demo as _demo
-from fap.data.base import is_complete, move_into_place
+from fap.data.base import build_atomically
 
 __all__ = ["MARKER", "make_demo_det", "render_det_image", "SPLITS"]
 
@@ -73,28 +71,14 @@ def make_demo_det(out_dir: str, seed: int = 0, *, image_size: int = 96, train_im
                 "jpeg_quality": int(jpeg_quality)}
     _check(image_size=image_size, train_images=train_images, val_images=val_images, num_classes=num_classes,
            max_objects=max_objects)
-    out_dir = os.path.abspath(out_dir)
-    if is_complete(out_dir, settings, MARKER):
-        return out_dir
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a complete demo-det made with {settings} (its {MARKER} "
-                              "is missing or differs); delete it or choose another directory")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(os.path.join(tmp, "annotations"))
-    try:
+    def write(tmp: str) -> None:
+        os.makedirs(os.path.join(tmp, "annotations"))
         for split in SPLITS:
             coco = _write_split(tmp, split, settings)
             with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
                 json.dump(coco, f)
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump(settings, f, indent=1, sort_keys=True)
-        move_into_place(tmp, out_dir, settings, MARKER)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return build_atomically(out_dir, settings, MARKER, write, what="demo-det")
 
 
 def _check(*, image_size, train_images, val_images, num_classes, max_objects) -> None:
