@@ -96,10 +96,21 @@ def test_the_node_wheelhouse_holds_what_it_lacks_under_60_mib(wheelhouse_node):
 
 # ---- an interpreter with the node's packages only ---------------------------------------------
 
+def _site() -> Path:
+    """This environment's site-packages (where torch is)."""
+    return Path(md.distribution("torch").locate_file(""))
+
+
+def _site_distributions():
+    """The distributions installed in `_site` only: anything else on ``sys.path`` (a test's
+    temporary install, the source tree) is not part of the environment to copy."""
+    return list(md.distributions(path=[str(_site())]))
+
+
 def _installed_graph():
     """This environment's distributions as a pip-report-like graph (for gpu_wheels.reach)."""
     report = {"install": []}
-    for d in md.distributions():
+    for d in _site_distributions():
         report["install"].append({"metadata": {"name": d.metadata["Name"], "version": d.version,
                                                "requires_dist": d.requires or []}})
     return gpu_wheels.dependency_graph(report)
@@ -116,17 +127,19 @@ def node_like_python(root: Path) -> Path:
     env = gpu_wheels.marker_env(f"{sys.version_info[0]}.{sys.version_info[1]}")
     keep = gpu_wheels.reach(graph, NODE + ["pip"], env, absent=ABSENT)
     owners = {}
-    for d in md.distributions():
+    for d in _site_distributions():
         name = gpu_wheels.canonicalize_name(d.metadata["Name"])
         for f in d.files or []:
             top = Path(f).parts[0]
             if top != ".." and not top.endswith(".pth") and top != "__pycache__":
                 owners.setdefault(top, set()).add(name)
-    site = Path(md.distribution("torch").locate_file(""))
+    site = _site()
     farm = root / "site"
     farm.mkdir(parents=True)
     for top, names in owners.items():
-        if names <= keep and (site / top).exists():
+        if not (site / top).exists():
+            continue
+        if names <= keep:
             (farm / top).symlink_to(site / top)
         elif names & keep:
             raise AssertionError(f"{top} is shared by kept and dropped distributions: {sorted(names)}")
