@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from fap.checks import ConfigError
 from fap.cli import main as fap_main
@@ -76,6 +77,27 @@ def test_overrides_and_user_errors(capsys):
     from fap.detection.train import main
     assert main(DetectionConfig(), []) == 2
     assert "data_path is empty" in capsys.readouterr().err
+    assert main(DetectionConfig(data_path="data/demo-det"), ["--optimizer=adam"]) == 2
+    assert "optimizer='adam'; expected one of sgd, adamw" in capsys.readouterr().err
+
+
+def test_optimizers_and_their_schedule():
+    import torch.nn as nn
+
+    from fap.detection.train import make_optimizer
+
+    model = nn.Linear(2, 2)
+    sgd, sched = make_optimizer(DetectionConfig(lr=0.1, warmup_iters=2, warmup_factor=0.5), model, 10, (1, 2))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+    lrs = []
+    for _ in range(25):
+        lrs.append(sched.get_last_lr()[0])
+        sgd.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.05) and lrs[1] == pytest.approx(0.075) and lrs[2:10] == [pytest.approx(0.1)] * 8
+    assert lrs[10:20] == [pytest.approx(0.01)] * 10 and lrs[20] == pytest.approx(0.001)
+    adamw, _ = make_optimizer(DetectionConfig(optimizer="adamw", lr=3e-4, weight_decay=0.05), model, 10, ())
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
 
 
 def test_global_batches_one_process_with_accumulation_sees_what_two_processes_see():

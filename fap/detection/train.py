@@ -33,6 +33,9 @@ __all__ = ["DetectionConfig", "GlobalBatches", "parse_overrides", "train_detecti
            "is_detection_model", "evaluate_cli"]
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass(frozen=True)
 class DetectionConfig:
     """Every setting of a detection run (``--key=value`` on the command line; ``--method.KEY=value``
@@ -49,8 +52,10 @@ class DetectionConfig:
         dual_norm, aux_group_size: auxiliary BatchNorm and its ghost groups.
         method, method_options: a `fap.methods` name and its config's switches.
         budget_matched: divide epochs and milestones by ``1 + p_adv·K`` (Fast AdvProp, Sec. 4.1).
+        optimizer: ``sgd`` (momentum; the 1x RetinaNet recipe) or ``adamw`` (decoupled weight
+            decay; ``momentum`` unused), with weight decay on every parameter either way.
         epochs, milestones, batch_size, accum_steps, lr, momentum, weight_decay, warmup_iters,
-        warmup_factor, clip_grad: the SGD schedule (global batch; lr for that batch).
+        warmup_factor, clip_grad: the schedule (global batch; lr for that batch).
         flip_prob: horizontal flips of training images.
         eval_batch_size, num_workers, seed, output_dir, export: as their names say.
     """
@@ -70,6 +75,7 @@ class DetectionConfig:
     milestones: Tuple[int, ...] = (8, 11)
     batch_size: int = 16
     accum_steps: int = 1
+    optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -208,9 +214,13 @@ def _load_trunk(net, path: str) -> None:
 
 
 def make_optimizer(cfg: DetectionConfig, model, updates_per_epoch: int, milestones: Sequence[int]):
-    """SGD with linear warm-up from ``warmup_factor·lr`` over ``warmup_iters`` updates, then ×0.1 at each milestone."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    """SGD or AdamW with linear warm-up from ``warmup_factor·lr`` over ``warmup_iters`` updates, then
+    ×0.1 at each milestone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = [m * updates_per_epoch for m in milestones]
 
     def factor(update: int) -> float:
@@ -234,6 +244,8 @@ def train_detection(cfg: DetectionConfig) -> Dict[str, Any]:
     if not cfg.data_path:
         raise ConfigError("data_path is empty: point the run at a COCO-format root (DIR/<split>/images, "
                           "DIR/annotations/instances_<split>.json), e.g. `fap data demo-det --out data/demo-det`")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer={cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[  # as fap.engine: CPU DDP
         DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)])
     world, rank = accelerator.num_processes, accelerator.process_index
