@@ -394,13 +394,15 @@ def _partial(run_dir: os.PathLike) -> List[Path]:
                   if p.is_dir() and (p.name.startswith(_TMP_PREFIX) or not (p / MARKER).is_file()))
 
 
-def resolve_resume(resume: str, run_dir: os.PathLike) -> Optional[Path]:
+def resolve_resume(resume: str, run_dir: os.PathLike, *, resume_key: str = "checkpoint.resume",
+                   out_key: str = "log.output_dir") -> Optional[Path]:
     """The checkpoint to load for ``checkpoint.resume``, or None to start fresh.
 
     Args:
         resume: ``""`` (fresh), ``"auto"`` (newest complete checkpoint of ``run_dir`` if
             any), or a path to a checkpoint directory or to a run directory.
         run_dir: this run's output directory.
+        resume_key, out_key: the names of those two settings in the caller's config (for the errors).
 
     Raises:
         CheckpointError: a fresh start in a directory that already holds checkpoints (it
@@ -411,7 +413,7 @@ def resolve_resume(resume: str, run_dir: os.PathLike) -> Optional[Path]:
         if existing:
             raise CheckpointError(
                 f"{run_dir} already has checkpoints (newest: {existing[-1].name}); pass "
-                "--checkpoint.resume=auto to continue that run, or choose another --log.output_dir"
+                f"--{resume_key}=auto to continue that run, or choose another --{out_key}"
             )
         return None
     if resume == "auto":
@@ -419,7 +421,7 @@ def resolve_resume(resume: str, run_dir: os.PathLike) -> Optional[Path]:
         return existing[-1] if existing else None
     path = Path(resume)
     if not path.exists():
-        raise CheckpointError(f"checkpoint.resume={resume!r}: no such file or directory")
+        raise CheckpointError(f"{resume_key}={resume!r}: no such file or directory")
     if (path / MARKER).is_file() and not path.name.startswith(_TMP_PREFIX):
         return path
     existing = list_checkpoints(path)
@@ -428,7 +430,7 @@ def resolve_resume(resume: str, run_dir: os.PathLike) -> Optional[Path]:
     partial = _partial(path) or ([path] if _NAME.match(path.name) or path.name.startswith(_TMP_PREFIX) else [])
     hint = (f"; found only unfinished ones: {', '.join(p.name for p in partial)}" if partial else "")
     raise CheckpointError(
-        f"checkpoint.resume={resume!r} holds no complete checkpoint (a directory with {MARKER}, "
+        f"{resume_key}={resume!r} holds no complete checkpoint (a directory with {MARKER}, "
         f"or a run directory with checkpoints/step_*/{MARKER}){hint}"
     )
 
@@ -469,7 +471,7 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker: Dict[str, Any], *,
-                    sharded: Optional[Tuple[Any, Any]] = None) -> Path:
+                    sharded: Optional[Tuple[Any, Any]] = None, resume_key: str = "checkpoint.resume") -> Path:
     """Save the Accelerate state as ``checkpoints/step_<state.step>``, atomically.
 
     Every process writes its part into a temporary directory and fsyncs it; after all
@@ -483,6 +485,7 @@ def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker
         state: the training counters (names the checkpoint by ``state.step``).
         marker: extra facts for the marker file (config, world size, ...).
         sharded: ``(model, optimizer)`` of an FSDP2 run, saved as distributed state dicts.
+        resume_key: the caller's name for the resume setting (for the error).
 
     Returns:
         The checkpoint directory.
@@ -507,7 +510,7 @@ def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker
         kept = (f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists")
         return CheckpointError(
             f"could not write checkpoint {final} ({message}); {kept}. Free space or fix the permissions of "
-            f"{root}, then continue with --checkpoint.resume=auto"
+            f"{root}, then continue with --{resume_key}=auto"
         )
 
     error: Optional[BaseException] = None

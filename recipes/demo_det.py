@@ -10,7 +10,8 @@ ResNet-18 RetinaNet-FPN from scratch with each arm and seed and reports clean mA
 corrupted mAP (per corruption the mean over severities, then the mean over the 15: Table 7's
 measure), every seed shown, mean ± std beside it. A finished run (its ``summary.json``,
 made with the same settings) is reused, so an interrupted comparison continues where it
-stopped and several invocations (e.g. ``--seeds 1 --arms vanilla``) can share one ``--out``.
+stopped and several invocations (e.g. ``--seeds 1 --arms vanilla``) can share one ``--out``;
+an unfinished run resumes from its last epoch's checkpoint.
 
 The arms differ in the method only: same data, model (dual BatchNorm in all; vanilla
 never uses the auxiliary norms), seeds and schedule shape. Vanilla trains on batches of 8
@@ -56,8 +57,12 @@ def config(arm: str, seed: int, data: str, corrupt: str, out: str, *, smoke: boo
         method=method, method_options=dict(options), budget_matched=True,
         epochs=1 if smoke else 30, milestones=() if smoke else (20, 27), batch_size=10 if fast else 8,
         optimizer="adamw", lr=3e-4, weight_decay=0.05, warmup_iters=2 if smoke else 50, eval_batch_size=20, seed=seed, flip_prob=0.5,
-        output_dir=os.path.join(out, f"{arm}_seed{seed}"),
+        output_dir=os.path.join(out, f"{arm}_seed{seed}"), checkpoint_keep=1, resume="auto",
     )
+
+
+# Settings that do not change what a run computes (how often it saves, whether it resumed).
+NOT_RESULTS = ("checkpoint_every_epochs", "checkpoint_keep", "resume")
 
 
 def finished(cfg: DetectionConfig) -> Optional[Dict]:
@@ -67,7 +72,8 @@ def finished(cfg: DetectionConfig) -> Optional[Dict]:
         return None
     with open(log) as f:
         made = json.loads(f.readline())
-    if {k: made.get(k) for k in asdict(cfg)} != json.loads(json.dumps(asdict(cfg))):
+    now = json.loads(json.dumps(asdict(cfg)))
+    if any(made.get(k) != v for k, v in now.items() if k not in NOT_RESULTS):
         return None
     with open(summary) as f:
         return json.load(f)

@@ -56,6 +56,32 @@ def test_fast_advprop_trains_evaluates_and_exports(det_data, tmp_path, capsys):
         summary["map_corrupted"])
 
 
+def test_resume_at_an_epoch_end_continues_bitwise(det_data, tmp_path):
+    """1 epoch, then resumed to 2 (checkpoint of model, optimizer, schedule, counters and RNG)
+    = 2 epochs straight: the same weights to the bit, random starts and flips included."""
+    from safetensors.torch import load_file
+
+    from fap.checkpoint import CheckpointError, list_checkpoints
+
+    data, _ = det_data
+    kw = dict(method_options={"p_adv": 0.2}, milestones=(1,), flip_prob=0.5, checkpoint_keep=1)
+    straight = train_detection(tiny(data, "", tmp_path / "straight", epochs=2, **kw))
+    train_detection(tiny(data, "", tmp_path / "split", epochs=1, **kw))
+    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step_00000002"]
+    with pytest.raises(CheckpointError, match="already has checkpoints .* pass --resume=auto"):
+        train_detection(tiny(data, "", tmp_path / "split", epochs=2, **kw))
+    with pytest.raises(ConfigError, match="lr: checkpoint has 0.01, this run has 0.02"):
+        train_detection(tiny(data, "", tmp_path / "split", epochs=2, lr=0.02, resume="auto", **kw))
+    resumed = train_detection(tiny(data, "", tmp_path / "split", epochs=2, resume="auto", **kw))
+    assert resumed["steps"] == straight["steps"] == 4
+    a, b = (load_file(str(tmp_path / d / "export" / "model.safetensors")) for d in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step_00000004"]  # keep=1 pruned the first
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4]
+    assert [r.get("start_epoch") for r in log if r["type"] == "config"] == [None, 1]
+
+
 def test_vanilla_and_advprop_run(det_data, tmp_path):
     data, _ = det_data
     for method, options in (("vanilla", {}), ("advprop", {"attack_steps": 1})):

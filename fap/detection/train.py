@@ -5,9 +5,10 @@ corrupted) -> export. The step is the methods' one ``train_step`` with a
 `fap.tasks.DetectionTask`, and each update is `fap.engine.step`'s (``no_sync`` for every
 pass but the last under DDP, one all-reduce), so the gradients are those the
 classification engine's tests pin down. What differs from `fap.engine.train` is what a
-detector needs around the step: COCO data in batches of `DetectionTargets`, an SGD with
-linear warm-up and step decay (the 1x RetinaNet schedule), COCO mAP instead of top-1, and
-a torchvision export. Launch it like the classification engine (``python`` for one
+detector needs around the step: COCO data in batches of `DetectionTargets`, SGD (or AdamW)
+with linear warm-up and step decay (the 1x RetinaNet schedule), COCO mAP instead of top-1,
+and a torchvision export. Checkpoints are `fap.checkpoint`'s (atomic, verified before
+loading), taken at epoch ends; ``resume=auto`` continues a run bitwise (tested). Launch it like the classification engine (``python`` for one
 process, ``accelerate launch`` for several).
 
 Sharding: every process reads its own slice of the same global batch (`GlobalBatches`):
@@ -58,6 +59,12 @@ class DetectionConfig:
         warmup_factor, clip_grad: the schedule (global batch; lr for that batch).
         flip_prob: horizontal flips of training images.
         eval_batch_size, num_workers, seed, output_dir, export: as their names say.
+        checkpoint_every_epochs: save a checkpoint (`fap.checkpoint`: model, optimizer, LR
+            schedule, counters, every process's RNG) after every N epochs and after the last (0 = never).
+        checkpoint_keep: keep the newest N checkpoints (0 = all).
+        resume: ``""`` (fresh; refused if ``output_dir`` has checkpoints), ``"auto"`` (the newest
+            checkpoint of ``output_dir``, if any) or a checkpoint / run directory. Only the keys in
+            `RESUME_MAY_CHANGE` may differ from the checkpoint's config (e.g. more ``epochs``).
     """
     data_path: str = ""
     corrupt_path: str = ""
@@ -88,6 +95,15 @@ class DetectionConfig:
     seed: int = 0
     output_dir: str = "runs/detection"
     export: bool = True
+    checkpoint_every_epochs: int = 1
+    checkpoint_keep: int = 2
+    resume: str = ""
+
+
+# What a resumed run may set differently from its checkpoint: where and how it is scored, saved
+# and continued. Anything else (data, model, method, optimizer, batch, seed) would train another run.
+RESUME_MAY_CHANGE = ("epochs", "milestones", "corrupt_path", "corrupt_severities", "eval_batch_size", "num_workers",
+                     "output_dir", "export", "checkpoint_every_epochs", "checkpoint_keep", "resume")
 
 
 def parse_overrides(cfg: DetectionConfig, argv: Sequence[str]) -> DetectionConfig:
@@ -238,6 +254,7 @@ def train_detection(cfg: DetectionConfig) -> Dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+    from fap.checkpoint import TrainState, prune_checkpoints, register_state, save_checkpoint
     from fap.data.coco import dataset_for, num_classes_of
     from fap.engine.step import make_update
 
@@ -272,11 +289,25 @@ def train_detection(cfg: DetectionConfig) -> Dict[str, Any]:
     update = make_update(accelerator, model, optimizer, method, deepspeed=False, accum_steps=cfg.accum_steps,
                          clip_grad=cfg.clip_grad)
     run_dir = Path(cfg.output_dir)
-    log = _Log(run_dir, accelerator.is_main_process)
+    state = TrainState()
+    register_state(accelerator, {"state": state, "scheduler": scheduler})
+    resumed = _resume(accelerator, cfg, run_dir)  # restores weights, optimizer, schedule, counters, RNG
+    log = _Log(run_dir, accelerator.is_main_process, append=resumed is not None)
     log.write({"type": "config", **asdict(cfg), "epochs_run": epochs, "milestones_run": milestones,
-               "processes": world, "cost_ratio_per_step": method.cost(sampler.micro).ratio})
+               "processes": world, "cost_ratio_per_step": method.cost(sampler.micro).ratio,
+               **({"resumed_from": str(resumed), "start_epoch": state.epoch} if resumed else {})})
+
+    def checkpoint() -> None:
+        every, last = cfg.checkpoint_every_epochs, state.epoch == epochs
+        if every > 0 and (state.epoch % every == 0 or last):
+            path = save_checkpoint(accelerator, run_dir, state, {"config": asdict(cfg), "world_size": world,
+                                                                 "task": "detection"}, resume_key="resume")
+            prune_checkpoints(accelerator, run_dir, cfg.checkpoint_keep)
+            log.write({"type": "checkpoint", "epoch": state.epoch, "step": state.step, "path": str(path)})
+
     start = time.time()
-    step = _epochs(model, loader, sampler, update, scheduler, log, epochs, cfg.accum_steps, method.branches)
+    step = _epochs(model, loader, sampler, update, scheduler, log, epochs, cfg.accum_steps, method.branches,
+                   state, checkpoint)
     train_seconds = time.time() - start
     unwrapped = accelerator.unwrap_model(model)
     summary = {"method": method.name, "epochs": epochs, "milestones": milestones, "steps": step,
@@ -300,11 +331,12 @@ def _collate():
     return detection_collate
 
 
-def _epochs(model, loader, sampler, update, scheduler, log, epochs: int, accum: int, branches) -> int:
-    """The training epochs: ``accum`` micro-batches per update; returns the number of updates."""
+def _epochs(model, loader, sampler, update, scheduler, log, epochs: int, accum: int, branches, state,
+            checkpoint) -> int:
+    """The training epochs from ``state.epoch`` on: ``accum`` micro-batches per update, then
+    ``checkpoint()`` after each epoch; returns the number of updates so far."""
     model.train()
-    step = 0
-    for epoch in range(epochs):
+    for epoch in range(state.epoch, epochs):
         sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
         pending = []
@@ -315,15 +347,52 @@ def _epochs(model, loader, sampler, update, scheduler, log, epochs: int, accum: 
             result = update(pending)
             pending = []
             scheduler.step()
-            step += 1
+            state.step += 1
+            state.images += sampler.batch_size
             if result.nonfinite:
-                raise FloatingPointError(f"non-finite {', '.join(result.nonfinite)} in update {step} (epoch "
+                raise FloatingPointError(f"non-finite {', '.join(result.nonfinite)} in update {state.step} (epoch "
                                          f"{epoch}); lower lr or set clip_grad")
             losses = {f"loss_{b}": float(sum(m[f"loss_{b}"] * m[f"count_{b}"] for m in result.metrics)
                                          / sum(m[f"count_{b}"] for m in result.metrics))
                       for b in branches if result.metrics[0].get(f"count_{b}")}
-            log.write({"type": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **losses})
-    return step
+            log.write({"type": "train", "step": state.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                       **losses})
+        state.epoch = epoch + 1
+        checkpoint()
+    return state.step
+
+
+def _resume(accelerator, cfg: DetectionConfig, run_dir: Path) -> Optional[Path]:
+    """Load the checkpoint ``cfg.resume`` names (see `DetectionConfig`); None for a fresh start.
+
+    Raises:
+        ConfigError: the checkpoint is of another experiment (a key outside `RESUME_MAY_CHANGE`
+            differs, named with both values) or of another number of processes.
+        CheckpointError: no such checkpoint, or one that is unsafe, damaged or of another fap.
+    """
+    from fap.checkpoint import load_checkpoint, remove_partial, resolve_resume, verify_checkpoint
+
+    remove_partial(accelerator, run_dir)
+    path = resolve_resume(cfg.resume, run_dir, resume_key="resume", out_key="output_dir")
+    if path is None:
+        return None
+    marker = verify_checkpoint(path)
+    if marker.get("task") != "detection":
+        raise ConfigError(f"cannot resume {path}: it is not a detection checkpoint (a classification run's? "
+                          "resume it with fap train)")
+    saved = marker["config"]
+    now = json.loads(json.dumps(asdict(cfg)))
+    changed = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]}
+    if changed:
+        lines = "; ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"cannot resume {path}: the run's config differs from the checkpoint's ({lines}); resume "
+                          "with the same settings, or start a new output_dir")
+    if marker.get("world_size") != accelerator.num_processes:
+        raise ConfigError(f"cannot resume {path}: it was written by {marker.get('world_size')} process(es), this "
+                          f"run has {accelerator.num_processes}; each process's random state is in it: resume "
+                          "with the same number")
+    load_checkpoint(accelerator, path, marker=marker)
+    return path
 
 
 def evaluate_detector(model, cfg: DetectionConfig, val_set, *, device="cpu") -> Dict[str, float]:
@@ -349,14 +418,15 @@ def export_detector(model, out_dir: Path) -> Path:
 
 
 class _Log:
-    """``log.jsonl`` in the run directory (main process only)."""
+    """``log.jsonl`` in the run directory (main process only); a resumed run appends to it."""
 
-    def __init__(self, run_dir: Path, main: bool):
+    def __init__(self, run_dir: Path, main: bool, *, append: bool = False):
         self.path = run_dir / "log.jsonl"
         self.main = main
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            if not append:
+                self.path.write_text("")
 
     def write(self, record: Dict[str, Any]) -> None:
         if self.main:
