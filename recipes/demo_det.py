@@ -79,16 +79,29 @@ def finished(cfg: DetectionConfig) -> Optional[Dict]:
         return json.load(f)
 
 
+# (a, b): a − b. Against vanilla: what the method changes; against the null: what the adversarial images change.
+PAIRS = (("fast_advprop", "vanilla"), ("fast_advprop_eps0", "vanilla"), ("fast_advprop", "fast_advprop_eps0"))
+
+
+def _mean_std(v: List[float]) -> str:
+    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}"
+
+
 def table(results: Dict[str, List[Dict]]) -> str:
-    """Markdown: per arm, mean ± std of clean and corrupted mAP, and every seed."""
+    """Markdown: per arm, mean ± std over seeds of clean and corrupted mAP and every seed; then
+    each pair of arms' per-seed differences (same seed, so same data order and initial weights)."""
     rows = ["| arm | mAP clean | mAP corrupted | seeds (clean / corrupted) |", "|---|---|---|---|"]
     for arm, runs in results.items():
-        cells = []
-        for key in ("map", "map_corrupted"):
-            v = [r[key] for r in runs]
-            cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}")
         seeds = ", ".join(f"{r['map']:.2f} / {r['map_corrupted']:.2f}" for r in runs)
-        rows.append(f"| {arm} | {cells[0]} | {cells[1]} | {seeds} |")
+        rows.append(f"| {arm} | {_mean_std([r['map'] for r in runs])} | "
+                    f"{_mean_std([r['map_corrupted'] for r in runs])} | {seeds} |")
+    pairs = [(a, b) for a, b in PAIRS if a in results and b in results]
+    if pairs and all(len(runs) > 1 for runs in results.values()):
+        rows += ["", "| difference (paired by seed) | mAP clean | mAP corrupted |", "|---|---|---|"]
+        for a, b in pairs:
+            cells = [_mean_std([x[k] - y[k] for x, y in zip(results[a], results[b])])
+                     for k in ("map", "map_corrupted")]
+            rows.append(f"| {a} − {b} | {cells[0]} | {cells[1]} |")
     return "\n".join(rows)
 
 

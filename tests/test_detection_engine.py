@@ -183,6 +183,23 @@ def test_retinanet_r50_recipe_is_the_papers_setting():
     assert build_method(fast).split(5) == (4, 1)  # 5 per process: 4 clean + 1 adversarial
 
 
+def test_demo_det_table_pairs_arms_by_seed():
+    import importlib.util
+
+    from helpers_engine import REPO
+
+    spec = importlib.util.spec_from_file_location("demo_det", REPO / "recipes" / "demo_det.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    runs = lambda *pairs: [{"map": a, "map_corrupted": b} for a, b in pairs]  # noqa: E731
+    text = recipe.table({"vanilla": runs((1.0, 0.5), (2.0, 0.7)), "fast_advprop": runs((1.5, 0.9), (2.2, 1.0)),
+                         "fast_advprop_eps0": runs((1.1, 0.4), (2.1, 0.6))})
+    assert "| vanilla | 1.50 ± 0.71 | 0.60 ± 0.14 | 1.00 / 0.50, 2.00 / 0.70 |" in text
+    assert "| fast_advprop − vanilla | 0.35 ± 0.21 | 0.35 ± 0.07 |" in text
+    assert "| fast_advprop − fast_advprop_eps0 | 0.25 ± 0.21 | 0.45 ± 0.07 |" in text
+    assert "paired" not in recipe.table({"vanilla": runs((1.0, 0.5)), "fast_advprop": runs((1.5, 0.9))})
+
+
 @pytest.mark.slow
 def test_demo_det_recipe_smoke(tmp_path):
     from helpers_engine import REPO, run
