@@ -12,6 +12,7 @@
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/retinanet_r50.py \\
         --data_path=coco --corrupt_path=coco-c --method=vanilla
     fap eval runs/retinanet_r50_fast_advprop --suite clean c=coco-c --data coco     # again, from the export
+    # a checkpoint is saved after every epoch; after a preemption, the same command + --resume=auto
 
 The paper's numbers (COCO val mAP; **the paper's, not ours**):
 
