@@ -82,6 +82,19 @@ def test_resume_at_an_epoch_end_continues_bitwise(det_data, tmp_path):
     assert [r.get("start_epoch") for r in log if r["type"] == "config"] == [None, 1]
 
 
+def test_bf16_from_the_launcher(det_data, tmp_path, monkeypatch):
+    """``accelerate launch --mixed_precision bf16`` (its environment variable) runs the detector
+    under autocast; the losses stay finite. (At 48 px RetinaNet's P7 level is 1x1 and CPU bf16
+    made its weight non-finite in one update; the test resizes to 96 px, as the demo trains.)"""
+    data, _ = det_data
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    summary = train_detection(tiny(data, "", tmp_path / "bf16", min_size=96, max_size=96, export=False,
+                                   checkpoint_every_epochs=0))
+    assert summary["precision"] == "bf16" and summary["steps"] == 2
+    train = [json.loads(line) for line in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()][1:3]
+    assert all(r["type"] == "train" and 0 < r["loss_clean"] < 10 and 0 < r["loss_adversarial"] < 10 for r in train)
+
+
 def test_vanilla_and_advprop_run(det_data, tmp_path):
     data, _ = det_data
     for method, options in (("vanilla", {}), ("advprop", {"attack_steps": 1})):

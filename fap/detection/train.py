@@ -294,7 +294,8 @@ def train_detection(cfg: DetectionConfig) -> Dict[str, Any]:
     resumed = _resume(accelerator, cfg, run_dir)  # restores weights, optimizer, schedule, counters, RNG
     log = _Log(run_dir, accelerator.is_main_process, append=resumed is not None)
     log.write({"type": "config", **asdict(cfg), "epochs_run": epochs, "milestones_run": milestones,
-               "processes": world, "cost_ratio_per_step": method.cost(sampler.micro).ratio,
+               "processes": world, "precision": accelerator.mixed_precision,
+               "cost_ratio_per_step": method.cost(sampler.micro).ratio,
                **({"resumed_from": str(resumed), "start_epoch": state.epoch} if resumed else {})})
 
     def checkpoint() -> None:
@@ -311,7 +312,7 @@ def train_detection(cfg: DetectionConfig) -> Dict[str, Any]:
     train_seconds = time.time() - start
     unwrapped = accelerator.unwrap_model(model)
     summary = {"method": method.name, "epochs": epochs, "milestones": milestones, "steps": step,
-               "processes": world, "train_seconds": train_seconds,
+               "processes": world, "precision": accelerator.mixed_precision, "train_seconds": train_seconds,
                "cost_ratio_per_step": method.cost(sampler.micro).ratio}
     if accelerator.is_main_process:
         summary.update(evaluate_detector(unwrapped, cfg, val_set, device=accelerator.device))
