@@ -82,16 +82,26 @@ def test_resume_at_an_epoch_end_continues_bitwise(det_data, tmp_path):
     assert [r.get("start_epoch") for r in log if r["type"] == "config"] == [None, 1]
 
 
-def test_bf16_from_the_launcher(det_data, tmp_path, monkeypatch):
+def test_bf16_from_the_launcher(det_data, tmp_path):
     """``accelerate launch --mixed_precision bf16`` (its environment variable) runs the detector
     under autocast; the losses stay finite. (At 48 px RetinaNet's P7 level is 1x1 and CPU bf16
-    made its weight non-finite in one update; the test resizes to 96 px, as the demo trains.)"""
+    made its weight non-finite in one update; the test resizes to 96 px, as the demo trains.)
+    A process of its own: Accelerate keeps one precision per process."""
+    import os
+    import subprocess
+
     data, _ = det_data
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    summary = train_detection(tiny(data, "", tmp_path / "bf16", min_size=96, max_size=96, export=False,
-                                   checkpoint_every_epochs=0))
+    out = tmp_path / "bf16"
+    args = ["--backbone=resnet18", "--min_size=96", "--max_size=96", "--epochs=1", "--milestones=()", "--batch_size=5",
+            "--warmup_iters=1", "--export=False", "--checkpoint_every_epochs=0", "--method.p_adv=0.2",
+            f"--data_path={data}", f"--output_dir={out}"]
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "fap.detection.train", *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["steps"] == 2
-    train = [json.loads(line) for line in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()][1:3]
+    train = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][1:3]
     assert all(r["type"] == "train" and 0 < r["loss_clean"] < 10 and 0 < r["loss_adversarial"] < 10 for r in train)
 
 
