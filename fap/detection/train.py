@@ -8,8 +8,8 @@ classification engine's tests pin down. What differs from `fap.engine.train` is 
 detector needs around the step: COCO data in batches of `DetectionTargets`, SGD (or AdamW)
 with linear warm-up and step decay (the 1x RetinaNet schedule), COCO mAP instead of top-1,
 and a torchvision export. Checkpoints are `fap.checkpoint`'s (atomic, verified before
-loading), taken at epoch ends; ``resume=auto`` continues a run bitwise (tested). Launch it like the classification engine (``python`` for one
-process, ``accelerate launch`` for several).
+loading), taken at epoch ends; ``resume=auto`` continues a run bitwise (tested). Launch it
+like the classification engine (``python`` for one process, ``accelerate launch`` for several).
 
 Sharding: every process reads its own slice of the same global batch (`GlobalBatches`):
 micro-batch ``j`` of process ``r`` is slice ``j·world + r`` of it. One process with
