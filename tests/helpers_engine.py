@@ -105,10 +105,19 @@ def clean_env(**extra: str) -> Dict[str, str]:
     return env
 
 
+# A multi-process CPU launch whose rank aborted in C++ while the process group started (seen once,
+# in the FSDP2 exactness test, 0.5 s after launch; the same test passed alone and in other full runs).
+STARTUP_ABORT = "terminate called without an active exception"
+
+
 def run(cmd: Sequence[str], *, timeout: int = 300, env: Optional[Dict[str, str]] = None,
         check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), cwd=REPO, env=env or clean_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    cmd = list(cmd)
+    proc = subprocess.run(cmd, cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and STARTUP_ABORT in proc.stderr and "--main_process_port" in cmd:
+        cmd[cmd.index("--main_process_port") + 1] = str(free_port())  # once more, on a fresh port
+        proc = subprocess.run(cmd, cwd=REPO, env=env or clean_env(), capture_output=True, text=True,
+                              timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout\n"
                              f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
