@@ -11,7 +11,7 @@ $(VENV)/.fap-installed: pyproject.toml .ci/install.sh
 	touch $@
 
 demo: install
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/demo.py
+	$(PY) recipes/demo.py
 
 test: install
 	$(PY) -m pytest -q -m "not matrix" tests

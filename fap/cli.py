@@ -1,4 +1,4 @@
-"""The ``fap`` command line: ``fap train|data|eval|export|bench ...``, and the recipes' entry point.
+"""The ``fap`` command line: ``fap train|data|eval|export|bench|compare ...``, and the recipes' entry point.
 
 Each subcommand lives with the module that does the work; this file only dispatches.
 A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``, except
@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "eval": ("fap.evaluate", "evaluate a checkpoint or export: clean, corruptions, renditions, adversarial"),
     "export": ("fap.checkpoint", "export a training checkpoint as a plain timm safetensors file"),
     "bench": ("fap.bench", "measure step cost and throughput"),
+    "compare": ("fap.experiment.cli", "does it help on my data? arms x seeds of runs, paired statistics"),
 }
 
 

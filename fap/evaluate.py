@@ -289,13 +289,28 @@ def _clean_source(context: _Context, data: DataConfig) -> Tuple[Any, bool, str]:
 
 
 def _clean(context: _Context, data: DataConfig) -> Dict[str, Any]:
+    suite = context.suite
     source, is_dataset, path = _clean_source(context, data)
     if is_dataset:
-        counts = _score(context, _loader(context, source), "clean")
+        source = _evenly_spaced(source, suite.clean_max_images)
+        counts = _score(context, _loader(context, source), "clean", per_image=suite.per_image)
     else:
-        counts = _score(context, source, "clean", prepared=False)
-    return {"path": path, "images": counts["images"], "top1": _percent(counts, "top1"),
-            "top5": _percent(counts, "top5")}
+        if suite.clean_max_images:
+            raise ValueError("suite.clean_max_images needs a folder or hf clean set (an FFCV loader cannot be subset)")
+        counts = _score(context, source, "clean", prepared=False, per_image=suite.per_image)
+    out = {"path": path, "images": counts["images"], "top1": _percent(counts, "top1"),
+           "top5": _percent(counts, "top5")}
+    if suite.per_image:
+        out["correct"] = "".join(str(int(v)) for v in counts["correct"].tolist())
+    return out
+
+
+def _evenly_spaced(dataset, n: int):
+    """At most ``n`` evenly spaced samples of ``dataset`` (all when ``n`` is 0 or covers it)."""
+    if not n or n >= len(dataset):
+        return dataset
+    step = len(dataset) / n
+    return torch.utils.data.Subset(dataset, [int(i * step) for i in range(n)])
 
 
 def _adversarial(context: _Context, data: DataConfig) -> Dict[str, Any]:
@@ -306,10 +321,7 @@ def _adversarial(context: _Context, data: DataConfig) -> Dict[str, Any]:
     if suite.pgd_max_images:
         if not is_dataset:
             raise ValueError("suite.pgd_max_images needs a folder or hf clean set (an FFCV loader cannot be subset)")
-        n = len(source)
-        if suite.pgd_max_images < n:
-            step = n / suite.pgd_max_images
-            source = torch.utils.data.Subset(source, [int(i * step) for i in range(suite.pgd_max_images)])
+        source = _evenly_spaced(source, suite.pgd_max_images)
     acc = context.accelerator
     generator = torch.Generator(device=acc.device).manual_seed(suite.seed + acc.process_index)
     attack = functools.partial(pgd, epsilon=suite.pgd_epsilon, steps=suite.pgd_steps, step=suite.pgd_step,

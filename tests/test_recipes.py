@@ -63,20 +63,20 @@ def test_vit_l_recipe_smoke_under_zero3(tiny_folder, tmp_path):
 
 def test_demo_recipe_smoke(tiny_folder, tmp_path):
     out = tmp_path / "demo"
-    proc = run([ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "recipes/demo.py", *_common(tiny_folder, out)])
-    _check_run(out / "vanilla", "vanilla")
-    _check_run(out / "fast_advprop", "fast_advprop")
-    assert "vanilla" in proc.stdout and "Fast AdvProp" in proc.stdout and "cost vs vanilla" in proc.stdout
-    assert (out / "demo.png").is_file() and (out / "demo.png").stat().st_size > 1000
-    result = json.loads((out / "demo.json").read_text())
-    assert set(result) == {"vanilla", "fast_advprop"}
+    proc = run([sys.executable, "recipes/demo.py", "--smoke", "--seeds", "0", "--out", str(out),
+                f"--data.path={tiny_folder}", "--data.source=folder"])
+    _check_run(out / "runs" / "vanilla" / "seed0", "vanilla")
+    _check_run(out / "runs" / "fast_advprop" / "seed0", "fast_advprop")
+    assert "fast_advprop − vanilla" in proc.stdout and "compute vs vanilla" in proc.stdout
+    assert "one seed: no interval" in proc.stdout and "(one seed)" in proc.stdout  # says so, plainly
+    assert (out / "results.png").is_file() and (out / "results.png").stat().st_size > 1000
+    result = json.loads((out / "results.json").read_text())
+    assert {r["arm"] for r in result["runs"]} == {"vanilla", "fast_advprop"}
     # the corruption column: a corrupted copy of the validation split, made once and scored for both runs
-    assert "corruption error, mean (%)" in proc.stdout
-    for summary in result.values():
-        errors = {k for k in summary["final_eval"] if k.endswith("/error")}
+    for r in result["runs"]:
+        errors = {k for k in r["metrics"] if k.startswith("eval/imagenet_c/") and k.endswith("/error")}
         assert errors == {"eval/imagenet_c/gaussian_noise/error", "eval/imagenet_c/contrast/error"}
-        assert 0 <= summary["final_eval"]["eval/imagenet_c/mean_error"] <= 100
+        assert 0 <= r["metrics"]["corruption_error"] <= 100 and 0 <= r["metrics"]["train_top1"] <= 100
 
 
 def _recipe(name):

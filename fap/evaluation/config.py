@@ -47,6 +47,10 @@ class SuiteConfig:
             config's, else the model's recorded one, else 224 / 0.875 / bilinear.
             ImageNet-C images are pre-cropped: they get ``crop_pct = 1``.
         seed: seeds the PGD random start (per process).
+        clean_max_images: score only this many clean images (evenly spaced, folder/hf
+            sets); 0 = all. For training accuracy on a large training split.
+        per_image: also record each clean image's top-1 hit (``sets.clean.correct``, a
+            string of 0/1 in dataset order), for paired per-image tests between models.
     """
     clean: bool = True
     imagenet_c: str = ""
@@ -67,6 +71,8 @@ class SuiteConfig:
     crop_pct: Optional[float] = None
     interpolation: Optional[Interpolation] = None
     seed: int = 0
+    clean_max_images: int = 0
+    per_image: bool = False
 
     def validate(self) -> "SuiteConfig":
         """Check the fields; raise `ConfigError` (a ``ValueError``) naming the key, the value and what is valid."""
@@ -82,6 +88,8 @@ class SuiteConfig:
                "a probability in [0, 1]")
         _check(isinstance(self.pgd_max_images, int) and self.pgd_max_images >= 0, "pgd_max_images",
                self.pgd_max_images, "an int >= 0 (0 = all)")
+        _check(isinstance(self.clean_max_images, int) and self.clean_max_images >= 0, "clean_max_images",
+               self.clean_max_images, "an int >= 0 (0 = all)")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, "an int >= 1")
         _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", self.num_workers,
                "an int >= 0")

@@ -33,6 +33,7 @@ def score_loader(
         prepared: bool = True,
         progress=None,
         loss: bool = False,
+        per_image: bool = False,
 ) -> Dict[str, float]:
     """Count top-1/top-5 hits of ``model`` over ``loader`` (and under ``attack`` if given).
 
@@ -47,11 +48,15 @@ def score_loader(
             ``process_index`` and ``batch_size``.
         progress: a tqdm bar to advance by one per batch, or None.
         loss: also sum the clean cross-entropy over the full logits (``"loss_sum"``).
+        per_image: also return ``"correct"``: each image's clean top-1 hit (0/1, a long
+            tensor), in the loader's order over all processes (a sequential loader prepared
+            by Accelerate: dataset order), for paired per-image tests (`fap.experiment`).
 
     Returns:
         ``{"images": n, "top1": hits, "top5": hits}`` plus ``"adv_top1"``/``"adv_top5"``
         under an attack, and ``"loss_sum"`` (float) if asked, summed over every process.
     """
+    hits = []
     device = accelerator.device
     names = ["top1", "top5"] + (["adv_top1", "adv_top5"] if attack is not None else [])
     totals = torch.zeros(1 + len(names), dtype=torch.long, device=device)
@@ -78,12 +83,16 @@ def score_loader(
         else:
             rows = _gather(accelerator, rows, prepared)
         totals += rows.sum(dim=0)
+        if per_image:
+            hits.append(rows[rows[:, 0] > 0, 1].cpu())
         if progress is not None:
             progress.update(1)
     counts = totals.tolist()
     out: Dict[str, float] = {"images": counts[0], **dict(zip(names, counts[1:]))}
     if loss:
         out["loss_sum"] = loss_sum.item()
+    if per_image:
+        out["correct"] = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.long)
     return out
 
 

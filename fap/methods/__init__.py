@@ -2,6 +2,8 @@
 
 The only place in fap that knows about adversarial examples.
 """
+from typing import List, Sequence, Tuple
+
 from fap.methods.advprop import AdvProp, AdvPropConfig
 from fap.methods.base import Method, StepCost
 from fap.methods.fast_advprop import FastAdvProp, FastAdvPropConfig, budget_matched
@@ -9,6 +11,22 @@ from fap.methods.vanilla import Vanilla, VanillaConfig
 
 METHODS = {"vanilla": Vanilla, "advprop": AdvProp, "fast_advprop": FastAdvProp}
 CONFIGS = {"vanilla": VanillaConfig, "advprop": AdvPropConfig, "fast_advprop": FastAdvPropConfig}
+
+
+def matched_budget(name: str, config, epochs: int, milestones: Sequence[int] = ()) -> Tuple[int, List[int]]:
+    """Epochs and LR milestones that spend ``epochs`` vanilla epochs of compute (the cost ledger).
+
+    One epoch of a method costs its image-passes per loader image (`Method.cost`): 1 for
+    vanilla, ``1 + p_adv·K`` for Fast AdvProp (`budget_matched`, with the reference code's
+    rounding: 105 -> 87; Mei et al., ICLR 2022, Sec. 4.1), ``K + 2`` for AdvProp (K attack
+    passes, the clean and the adversarial pass; Xie et al., CVPR 2020). The schedule is
+    divided by that cost and rounded, never below one epoch.
+    """
+    if name == "fast_advprop":
+        return budget_matched(epochs, milestones, p_adv=config.p_adv, attack_steps=config.attack_steps)
+    scale = build_method(name, config).cost(1).ratio
+    f = lambda e: max(1, int(round(e / scale)))  # noqa: E731
+    return f(epochs), [f(m) for m in milestones]
 
 
 def build_method(name: str, config=None, **kwargs) -> Method:
@@ -21,5 +39,5 @@ def build_method(name: str, config=None, **kwargs) -> Method:
 __all__ = [
     "METHODS", "CONFIGS", "build_method", "Method", "StepCost",
     "Vanilla", "VanillaConfig", "AdvProp", "AdvPropConfig",
-    "FastAdvProp", "FastAdvPropConfig", "budget_matched",
+    "FastAdvProp", "FastAdvPropConfig", "budget_matched", "matched_budget",
 ]

@@ -1,0 +1,222 @@
+"""fap.experiment / `fap compare`: the plan, the statistics (against scipy called directly),
+reuse and refusal of run directories, and a toy experiment through the command line that is
+killed mid-way, started again, and ends with the results of an uninterrupted one."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from fap.checkpoint import list_checkpoints
+from fap.checks import ConfigError
+from fap.config import TrainConfig, apply_overrides
+from fap.experiment import Arm, Contrast, make_plan
+from fap.experiment.runner import check_run_dir, run_spec
+from fap.experiment.stats import analyse, detectable_difference, holm, mcnemar, paired
+
+A = [71.2, 70.4, 72.9, 70.8, 71.5]
+B = [70.1, 70.6, 71.8, 69.9, 70.2]
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+def test_paired_difference_is_scipys_paired_t_test():
+    out = paired(A, B)
+    ref = stats.ttest_rel(A, B)
+    d = [a - b for a, b in zip(A, B)]
+    n = len(d)
+    mean = sum(d) / n
+    sem = stats.sem(d)
+    lo, hi = stats.t.interval(0.95, n - 1, loc=mean, scale=sem)
+    assert out["differences"] == pytest.approx(d)
+    assert out["mean"] == pytest.approx(mean)
+    assert out["p"] == pytest.approx(ref.pvalue, rel=1e-12)
+    assert out["interval"] == pytest.approx((lo, hi), rel=1e-12)
+    assert paired(A[:1], B[:1])["interval"] is None  # one seed: no interval
+
+
+def test_detectable_difference_has_the_stated_power():
+    sd, n = 0.7, 5
+    delta = detectable_difference(sd, n)
+    crit = stats.t.ppf(0.975, n - 1)
+    nc = delta * n ** 0.5 / sd
+    power = stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc)
+    assert power == pytest.approx(0.8, abs=1e-8)
+    assert detectable_difference(sd, 2) > detectable_difference(sd, 6)  # more seeds, smaller effects
+
+
+def test_mcnemar_is_the_exact_binomial_test_on_discordant_images():
+    a = ["1101100111", "0111011110"]
+    b = ["1001000111", "0110011111"]
+    out = mcnemar(list(zip(a, b)))
+    # A right and B wrong: 2 + 1; B right and A wrong: 0 + 1
+    assert (out["a_only"], out["b_only"], out["images"]) == (3, 1, 20)
+    assert out["p"] == pytest.approx(stats.binomtest(3, 4, 0.5).pvalue)
+
+
+def test_holm_step_down():
+    out = holm([0.01, 0.04, 0.03, 0.2])
+    assert [o["p_adjusted"] for o in out] == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert [o["alpha"] for o in out] == pytest.approx([0.0125, 0.025, 0.05 / 3, 0.05])
+    assert [o["rejected"] for o in out] == [True, False, False, False]
+
+
+def test_analyse_corrects_secondary_contrasts_only():
+    values = {("x", "top1"): dict(enumerate(A)), ("y", "top1"): dict(enumerate(B)),
+              ("x", "err"): dict(enumerate(B)), ("y", "err"): dict(enumerate(A))}
+    rows = analyse([Contrast("x", "y", "top1", primary=True), Contrast("x", "y", "err"),
+                    Contrast("y", "x", "top1")], values, {})
+    primary, s1, s2 = rows
+    assert "holm" not in primary and primary["level"] == 0.95
+    assert s1["holm"]["alpha"] == pytest.approx(0.025) and s1["level"] == pytest.approx(0.975)
+    d = [b - a for a, b in zip(A, B)]
+    lo, hi = stats.t.interval(0.975, 4, loc=sum(d) / 5, scale=stats.sem(d))
+    assert s1["interval"] == pytest.approx((lo, hi))
+    assert primary["resolved"] == (primary["p"] < 0.05)
+    assert s1["resolved"] == (s1["holm"]["p_adjusted"] < 0.05)
+
+
+# -- the plan -----------------------------------------------------------------------------
+
+def _base(tmp_path) -> TrainConfig:
+    return apply_overrides(TrainConfig(), ["--data.source=folder", f"--data.path={tmp_path}", "--train.epochs=12",
+                                           "--sched.sched=multistep", "--sched.milestones=6,9",
+                                           "--train.batch_size=20"])
+
+
+ARMS = (Arm("vanilla", ("--method", "vanilla", "--model.dual_norm=false")), Arm("fast", ("--method", "fast_advprop")),
+        Arm("advprop", ("--method=advprop", "--method.attack_steps=1")))
+
+
+def test_equal_compute_takes_epochs_and_milestones_from_the_cost_ledger(tmp_path):
+    plan = make_plan(_base(tmp_path), ARMS, [0, 1], out=tmp_path / "x", protocol="equal-compute")
+    got = {(r.arm, r.seed): (r.config.train.epochs, r.config.sched.milestones, r.config.train.reference_epochs)
+           for r in plan.runs}
+    assert got[("vanilla", 0)] == (12, (6, 9), 12)
+    assert got[("fast", 1)] == (10, (5, 7), 12)      # / 1.2000000000000002, rounded: the reference code
+    assert got[("advprop", 0)] == (4, (2, 3), 12)    # / (K + 2)
+    assert plan.run("fast", 1).config.train.seed == 1
+    assert plan.run("fast", 1).run_dir == tmp_path / "x" / "runs" / "fast" / "seed1"
+    same = make_plan(_base(tmp_path), ARMS, [0], out=tmp_path / "x", protocol="equal-epochs")
+    assert {r.config.train.epochs for r in same.runs} == {12}
+    longer = make_plan(_base(tmp_path), ARMS[:2], [0], out=tmp_path / "x", protocol="equal-compute", epochs=24)
+    assert longer.run("fast", 0).config.train.epochs == 20 and longer.vanilla_milestones == (12, 18)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(overrides=["--train.epochs=3"]), "train.epochs is set by the protocol"),
+    (dict(contrasts=[Contrast("fast", "nope", "top1")]), "no arm named 'nope'"),
+    (dict(protocol="equal-time"), "equal-epochs, equal-compute"),
+])
+def test_plan_mistakes_are_named(tmp_path, bad, words):
+    kwargs = dict(out=tmp_path, protocol="equal-compute")
+    kwargs.update(bad)
+    with pytest.raises(ConfigError, match=words):
+        make_plan(_base(tmp_path), ARMS, [0], **kwargs)
+
+
+def test_a_run_directory_made_with_another_config_is_refused_naming_the_key(tmp_path):
+    plan = make_plan(_base(tmp_path), ARMS[:2], [0], out=tmp_path / "x")
+    rp = plan.run("fast", 0)
+    options = {"train_images": 100, "measure": None}
+    assert check_run_dir(rp, run_spec(rp, options)) == "new"
+    rp.run_dir.mkdir(parents=True)
+    (rp.run_dir / "experiment.json").write_text(json.dumps(run_spec(rp, options)))
+    assert check_run_dir(rp, run_spec(rp, options)) == "unfinished"
+    (rp.run_dir / "measurements.json").write_text("{}")
+    assert check_run_dir(rp, run_spec(rp, options)) == "finished"
+    other = make_plan(_base(tmp_path), ARMS[:2], [0], out=tmp_path / "x", overrides=["--optim.lr=0.3"])
+    with pytest.raises(ConfigError, match=r"optim\.lr: the run has 0\.1, this experiment 0\.3"):
+        check_run_dir(other.run("fast", 0), run_spec(other.run("fast", 0), options))
+    with pytest.raises(ConfigError, match="measurements.train_images"):
+        check_run_dir(rp, run_spec(rp, {"train_images": 5, "measure": None}))
+    # settings that cannot change the numbers do not count
+    quiet = make_plan(_base(tmp_path), ARMS[:2], [0], out=tmp_path / "x", overrides=["--log.every_steps=7"])
+    assert check_run_dir(quiet.run("fast", 0), run_spec(quiet.run("fast", 0), options)) == "finished"
+
+
+# -- a toy experiment through the command line ---------------------------------------------
+
+FAP = [sys.executable, "-m", "fap"]
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    from fap.data import make_demo
+
+    return make_demo(str(tmp_path_factory.mktemp("toy") / "demo"), train_per_class=8, val_per_class=4,
+                     image_size=32, num_workers=1)
+
+
+def _compare(data, out, protocol, *extra):
+    return FAP + ["compare", "--arm", "vanilla=--method vanilla --model.dual_norm=false",
+                  "--arm", "fast=--method fast_advprop --model.aux_group_size=2", "--seeds", "0", "1",
+                  "--protocol", protocol, "--epochs", "6", "--jobs", "2", "--out", str(out), "--train-images", "40",
+                  "--primary", "fast:vanilla:top1", "--secondary", "fast:vanilla:train_top1", "--quiet", *extra,
+                  "--", "--data.source=folder", f"--data.path={data}", "--model.name=test_resnet",
+                  "--data.image_size=32", "--data.crop_pct=1.0", "--train.batch_size=20", "--data.num_workers=0",
+                  "--optim.opt=adamw", "--optim.lr=3e-3", "--log.trackers=", "--checkpoint.every_steps=1"]
+
+
+def _numbers(out: Path):
+    data = json.loads((out / "results.json").read_text())
+    return [(r["arm"], r["seed"], r["metrics"], r["per_image"]) for r in data["runs"]], data["contrasts"]
+
+
+def _env():
+    return dict(os.environ, PYTHONWARNINGS="ignore")
+
+
+def test_a_killed_experiment_resumes_to_the_uninterrupted_results(toy_data, tmp_path):
+    reference = tmp_path / "reference"
+    done = subprocess.run(_compare(toy_data, reference, "equal-compute"), capture_output=True, text=True, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fast − vanilla" in done.stdout and "primary" in done.stdout
+    for name in ("results.json", "report.md", "results.png"):
+        assert (reference / name).is_file()
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_compare(toy_data, out, "equal-compute"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=_env())
+    runs = [out / "runs" / a / f"seed{s}" for a in ("vanilla", "fast") for s in (0, 1)]
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once one run finished and a later one has a checkpoint
+        finished = [r for r in runs if (r / "measurements.json").exists()]
+        midway = [r for r in runs[2:] if r.is_dir() and len(list_checkpoints(str(r))) >= 2
+                  and not (r / "measurements.json").exists()]
+        if finished and midway:
+            break
+        assert proc.poll() is None, "the experiment ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()
+    again = subprocess.run(_compare(toy_data, out, "equal-compute"), capture_output=True, text=True, env=_env())
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _numbers(out) == _numbers(reference)
+    resumed = [r for r in runs if "\"type\": \"resume\"" in (r / "log.jsonl").read_text()]
+    assert resumed, "no run was resumed from its checkpoint"
+
+    # the same folder with another learning rate: refused before anything trains, naming the key
+    changed = subprocess.run(_compare(toy_data, out, "equal-compute") + ["--optim.lr=1e-3"], capture_output=True,
+                             text=True, env=_env())
+    assert changed.returncode == 2
+    assert "optim.lr: the run has 0.003, this experiment 0.001" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) <= 2
+
+
+def test_equal_epochs_through_the_cli(toy_data, tmp_path):
+    out = tmp_path / "epochs"
+    done = subprocess.run(_compare(toy_data, out, "equal-epochs"), capture_output=True, text=True, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert {r["run"]["epochs"] for r in data["runs"]} == {6}
+    fast = [r for r in data["runs"] if r["arm"] == "fast"]
+    assert all(r["run"]["cost_ratio_run"] == pytest.approx(1.2) for r in fast)
+    assert all(len(r["per_image"]["top1"]) == 40 and 0 <= r["metrics"]["train_top1"] <= 100 for r in data["runs"])
+    assert all(r["metrics"]["val_top1_export"] == pytest.approx(r["metrics"]["top1"]) for r in data["runs"])
