@@ -4,10 +4,10 @@ Each notebook is executed on a fresh kernel with ``FAP_TUTORIAL_SIZE=ci`` (small
 steps) in a temporary work directory; a cell that raises fails the test. The committed
 copies must carry the outputs of a full-size run made with the committed code: their first
 cell prints a digest of the notebook's code cells and the helper modules they import
-(``tutorials/_provenance.py``), which must match them as committed, and a digest of the fap
-source, which is compared with the library as it is now: a difference is reported as a
-warning naming the notebooks to re-run (``FAP_TUTORIAL_SIZE=full``), since every library
-change would otherwise fail the suite until an hour of notebooks is re-run.
+(``tutorials/_provenance.py``), which must match them as committed, and the library's numerics
+fingerprint, which must match what the library computes now: a change that moves a number the
+notebooks depend on fails, a change that moves none (a docstring, a refactor) does not force
+an hour of re-runs.
 """
 import json
 import os
@@ -22,7 +22,8 @@ TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(p.name for p in TUTORIALS.glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["01_quickstart.ipynb", "02_disentangled_learning.ipynb", "03_cost_anatomy.ipynb",
             "04_scaling_out.ipynb", "05_data_pipelines.ipynb"]
-STAMP = re.compile(r"fap (\S+) \| commit (\S+) \| size (\w+) \| code ([0-9a-f]{16}) \| library ([0-9a-f]{16})")
+STAMP = re.compile(r"fap (\S+) \| commit (\S+) \| size (\w+) \| code ([0-9a-f]{16}) \| library ([0-9a-f]{16})"
+                   r"(?: \| numerics ([0-9a-f]{16}))?")
 
 
 def test_all_five_tutorials_exist():
@@ -64,13 +65,29 @@ def test_committed_outputs_come_from_a_full_run_of_the_committed_code(name):
         assert plots >= 1, f"{name}: no plot in the committed outputs (stripped?)"
 
 
-def test_says_which_notebooks_ran_on_another_version_of_the_library():
-    """The outputs' fap source digest against today's: a difference is reported, not hidden."""
-    library = _provenance().library_digest()
-    stale = [n for n in EXPECTED if _stamp_of(json.loads((TUTORIALS / n).read_text())).group(5) != library]
-    if stale:
-        warnings.warn(f"the fap library changed since these tutorials' outputs were made: {', '.join(stale)}; "
-                      "re-run them with FAP_TUTORIAL_SIZE=full and commit the outputs", UserWarning)
+def test_the_library_computes_the_numbers_the_notebooks_were_made_with():
+    """Stale outputs fail: the library's numerics probes (`fap.experiment.numerics`) against the
+    probes of the full-size runs (``tutorials/numerics.json``), and each notebook's stamped
+    fingerprint against that file. A change that moves no number (a docstring, a refactor)
+    passes without re-running anything."""
+    from fap.experiment.numerics import compare, fingerprint, probe
+
+    recorded = json.loads((TUTORIALS / "numerics.json").read_text())
+    moved = compare(recorded, probe())
+    assert not moved, (f"the library's numbers moved since the tutorials' outputs were made ({len(moved)} probes, e.g. "
+                       f"{', '.join(moved[:4])}): re-run the notebooks with FAP_TUTORIAL_SIZE=full and commit them")
+    legacy = []
+    for name in EXPECTED:
+        stamped = _stamp_of(json.loads((TUTORIALS / name).read_text())).group(6)
+        if stamped is None:
+            legacy.append(name)
+            continue
+        assert stamped == fingerprint(recorded), (
+            f"{name} was made with numerics {stamped}, tutorials/numerics.json holds {fingerprint(recorded)}: "
+            "re-run it with FAP_TUTORIAL_SIZE=full")
+    if legacy:  # stamped before numerics fingerprints existed: their library can no longer be checked
+        warnings.warn(f"{', '.join(legacy)}: made before numerics fingerprints; re-run them with FAP_TUTORIAL_SIZE=full "
+                      "so that their numbers can be checked", UserWarning)
 
 
 @pytest.mark.slow

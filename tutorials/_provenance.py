@@ -4,9 +4,11 @@ The first cell of every notebook calls `stamp(<its own file name>)`. It prints t
 version, the git commit, the size the notebook ran at (``FAP_TUTORIAL_SIZE``: ``full``
 for the committed outputs, ``ci`` in the test suite) and a digest of the notebook's code
 cells as they were on disk when it ran, and a digest of the fap package's source
-(``library_digest``). ``tests/test_tutorials.py`` recomputes both: a code cell edited
-without re-running the notebook fails it, and a library changed since the outputs were
-made is reported.
+(``library_digest``), and the library's numerics fingerprint
+(`fap.experiment.numerics`: what the library computes, not how its source reads). A
+full-size run also writes the fingerprint's probes to ``tutorials/numerics.json``.
+``tests/test_tutorials.py`` recomputes them: a code cell edited without re-running the
+notebook fails it, and so does a library whose numbers moved since the outputs were made.
 """
 import hashlib
 import json
@@ -51,6 +53,12 @@ def stamp(notebook_file: str) -> str:
     digest = code_digest(json.loads(path.read_text()))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=path.resolve().parent).stdout.strip() or "unknown"
-    line = f"fap {fap.__version__} | commit {commit} | size {size()} | code {digest} | library {library_digest()}"
+    from fap.experiment.numerics import fingerprint, probe
+
+    values = probe()
+    if size() == "full":
+        (HERE / "numerics.json").write_text(json.dumps(values, indent=0, sort_keys=True) + "\n")
+    line = (f"fap {fap.__version__} | commit {commit} | size {size()} | code {digest} | library {library_digest()} "
+            f"| numerics {fingerprint(values)}")
     print(line)
     return line
