@@ -153,11 +153,14 @@ def toy_data(tmp_path_factory):
                      image_size=32, num_workers=1)
 
 
-def _compare(data, out, protocol, *extra):
-    return FAP + ["compare", "--arm", "vanilla=--method vanilla --model.dual_norm=false",
-                  "--arm", "fast=--method fast_advprop --model.aux_group_size=2", "--seeds", "0", "1",
-                  "--protocol", protocol, "--epochs", "6", "--jobs", "2", "--out", str(out), "--train-images", "40",
-                  "--primary", "fast:vanilla:top1", "--secondary", "fast:vanilla:train_top1", "--quiet", *extra,
+TOY_ARMS = ("--arm", "vanilla=--method vanilla --model.dual_norm=false",
+            "--arm", "fast=--method fast_advprop --model.aux_group_size=2")
+TOY_CONTRASTS = ("--primary", "fast:vanilla:top1", "--secondary", "fast:vanilla:train_top1")
+
+
+def _compare(data, out, protocol, *extra, arms=TOY_ARMS, seeds=("0", "1"), contrasts=TOY_CONTRASTS):
+    return FAP + ["compare", *arms, "--seeds", *seeds, "--protocol", protocol, "--epochs", "6", "--jobs", "2",
+                  "--out", str(out), "--train-images", "40", *contrasts, "--quiet", *extra,
                   "--", "--data.source=folder", f"--data.path={data}", "--model.name=test_resnet",
                   "--data.image_size=32", "--data.crop_pct=1.0", "--train.batch_size=20", "--data.num_workers=0",
                   "--optim.opt=adamw", "--optim.lr=3e-3", "--log.trackers=", "--checkpoint.every_steps=1"]
@@ -220,3 +223,28 @@ def test_equal_epochs_through_the_cli(toy_data, tmp_path):
     assert all(r["run"]["cost_ratio_run"] == pytest.approx(1.2) for r in fast)
     assert all(len(r["per_image"]["top1"]) == 40 and 0 <= r["metrics"]["train_top1"] <= 100 for r in data["runs"])
     assert all(r["metrics"]["val_top1_export"] == pytest.approx(r["metrics"]["top1"]) for r in data["runs"])
+
+
+def test_a_launcher_runs_each_worker(toy_data, tmp_path):
+    out = tmp_path / "launched"
+    launcher = "accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
+    cmd = _compare(toy_data, out, "equal-epochs", "--launcher", launcher, arms=TOY_ARMS[2:], seeds=("0",),
+                   contrasts=())
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (out / "runs" / "fast" / "seed0" / "train.log").read_text()
+    assert "accelerate launch --num_processes 1" in log and "-m fap.experiment.worker" in log
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in data["runs"]] == [("fast", 0)] and data["contrasts"] == []
+
+
+def test_compare_help_documents_the_feature(capsys):
+    from fap.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = capsys.readouterr().out
+    for words in ("equal-epochs", "equal-compute", "matched_budget", "--jobs", "resumes unfinished", "another config",
+                  "McNemar", "Holm", "detects", "training", "results.json", "report.md", "results.png", "--launcher",
+                  "fap.experiment.run"):
+        assert words in text, words

@@ -145,6 +145,7 @@ def run_plan(plan: Plan, options: Dict[str, Any], *, jobs: int = 1, launcher: Se
             todo.append((rp, spec))
     bar = tqdm(total=len(plan.runs), initial=len(plan.runs) - len(todo), desc=f"{plan.out} runs", unit="run",
                disable=not progress, dynamic_ncols=True)
+    launcher = _resolve(launcher)
     threads = _threads(jobs)
     running: List[Tuple[RunPlan, subprocess.Popen, Any]] = []
     try:
@@ -169,6 +170,19 @@ def run_plan(plan: Plan, options: Dict[str, Any], *, jobs: int = 1, launcher: Se
             proc.wait()
             log.close()
         bar.close()
+
+
+def _resolve(launcher: Sequence[str]) -> List[str]:
+    """The launcher with its program found on PATH or beside this Python (a venv's ``accelerate``)."""
+    import shutil
+
+    if not launcher:
+        return []
+    found = shutil.which(launcher[0]) or shutil.which(launcher[0], path=str(Path(sys.executable).parent))
+    if not found:
+        raise ConfigError(f"--launcher {shlex.join(launcher)}: {launcher[0]!r} is neither on PATH nor beside "
+                          f"{sys.executable}")
+    return [found] + list(launcher[1:])
 
 
 def _threads(jobs: int) -> Callable[[TrainConfig], int]:
