@@ -43,7 +43,10 @@ for p_adv = 0.2, 1/3, 0.5: 64 clean + 16, 32 or 64 adversarial images per GPU, t
   divided by the loader batch, AdvProp's batch mean). fap's own steps from there to Fast
   AdvProp are runnable under their own names (``fap/...``, not rows of the paper, with no
   paper numbers): Fast AdvProp's attack and weights without reuse, then with reuse, both at
-  105 epochs; ``table1/fast_advprop`` adds budget matching.
+  105 epochs; ``table1/fast_advprop`` adds budget matching. Two more, ``fap/targeted_attack``
+  and ``fap/attack_running_stats``, are Fast AdvProp with the two attacks Sec. 3.2.2 argues
+  against (toward a random wrong label; with running statistics), for which the paper prints
+  no table.
 * Table 5: "re-balancing" is β = 0.5 (an adversarial-split image weighs 0.5 + 0.5, a clean one
   1) against β = 1; "synchronisation" is ``method.per_group_normalization``. Without it every
   group is divided by the shared count, and the update speeds (the loss weight a group's
@@ -174,6 +177,11 @@ FAP_ROWS = (
     Row("fap/decoupled_fast_attack", "fast_advprop", {"reuse": False}, matched=False,
         what="decoupled, Fast AdvProp's attack, no reuse"),
     Row("fap/reuse_105_epochs", "fast_advprop", matched=False, what="+ reuse, 105 epochs"),
+    # Sec. 3.2.2's two alternatives to Fast AdvProp's attack, which the paper argues against without a table.
+    Row("fap/targeted_attack", "fast_advprop", {"attack_target": "random"},
+        what="Fast AdvProp attacking toward a random wrong label"),
+    Row("fap/attack_running_stats", "fast_advprop", {"attack_bn_mode": "eval"},
+        what="Fast AdvProp attacking with running statistics"),
 )
 ALL_ROWS = ROWS + FAP_ROWS
 

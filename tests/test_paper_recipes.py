@@ -108,7 +108,7 @@ def test_the_rows_are_the_papers_rows_in_its_order_and_fap_steps_are_apart():
     from fap.evaluation.paper import PAPER_RESULTS, paper_result
 
     assert NAMES == [p.name for p in PAPER_RESULTS] == list(PRINTED)
-    assert len(set(NAMES + FAP_NAMES)) == len(NAMES) + len(FAP_NAMES) == 33
+    assert len(set(NAMES + FAP_NAMES)) == len(NAMES) + len(FAP_NAMES) == 35
     assert DETECTION == ["table7/vanilla", "table7/fast_advprop"]
     for name in FAP_NAMES:
         assert name.startswith("fap/") and paper.row_named(name).paper is None
@@ -200,6 +200,8 @@ ONE_THING = [
     ("fap/decoupled_fast_attack", "table2/decoupled", ADVPROP_ATTACK),
     ("fap/reuse_105_epochs", "fap/decoupled_fast_attack", {"method.reuse"}),
     ("table1/fast_advprop", "fap/reuse_105_epochs", BUDGET),
+    ("fap/targeted_attack", "table1/fast_advprop", {"method.attack_target"}),
+    ("fap/attack_running_stats", "table1/fast_advprop", {"method.attack_bn_mode"}),
     ("table3/resnet152_fast_advprop", "table1/fast_advprop", {"model.name"}),
     ("table3/resnet101_vanilla", "table1/vanilla", {"model.name"}),
     ("table4/p_adv_0.5", "table4/p_adv_0.2", {"method.p_adv", "train.batch_size", "optim.lr_base_size",
