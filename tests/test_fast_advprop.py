@@ -412,7 +412,7 @@ def test_bad_configuration_is_a_clear_error():
         FastAdvProp(eps=1.0)
     with pytest.raises(ValueError, match="fused=True needs method.norms='dual'"):
         FastAdvProp(fused=True, norms="mixed")
-    with pytest.raises(ValueError, match="attack_target='random', attack_bn_mode='train' need method.fused=false"):
+    with pytest.raises(ValueError, match="attack_target='random' with attack_bn_mode='train' needs method.fused=false"):
         FastAdvProp(fused=True, attack_target="random")
     with pytest.raises(ValueError, match="method.attack_bn_mode='frozen' is not valid: expected one of 'train', 'eval'"):
         FastAdvProp(attack_bn_mode="frozen")

@@ -79,7 +79,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FastAdvPropConfig(MethodConfig):
-    """Every switch of the paper's ablations.
+    """The switches of the step: the paper's ablations, and fap's own ``norms`` and ``fused``.
 
     Args:
         p_adv: fraction of the loader batch used for the adversarial split (0.2).
@@ -146,8 +146,9 @@ class FastAdvPropConfig(MethodConfig):
             raise ConfigError("method.fused=True needs method.reuse=True: the fused backward trains on the noisy pass")
         if self.fused and (self.attack_target, self.attack_bn_mode) != ("untargeted", "train"):
             raise ConfigError(f"method.fused=True runs the noisy pass inside the clean pass's train-mode forward on "
-                              f"the true labels; attack_target={self.attack_target!r}, "
-                              f"attack_bn_mode={self.attack_bn_mode!r} need method.fused=false")
+                              f"the true labels (attack_target='untargeted', attack_bn_mode='train'); "
+                              f"attack_target={self.attack_target!r} with attack_bn_mode={self.attack_bn_mode!r} "
+                              "needs method.fused=false")
         return self
 
 
