@@ -127,7 +127,8 @@ def test_every_row_builds_and_costs_what_the_paper_says(name):
     p = row.paper
     cfg = parse_args(paper.config(row), [])  # validates every section and the method against them
     cost, run_ratio = paper.counted_cost(cfg)
-    assert cost.ratio == pytest.approx(p.cost if p else 1.2), "counted image-passes per update vs the paper's cost model"
+    expected = p.cost if p else 1.2  # fap's own steps are Fast AdvProp at p_adv 0.2
+    assert cost.ratio == pytest.approx(expected), "counted image-passes per update vs the paper's cost model"
     if p is not None and p.epochs is not None:
         assert cfg.train.epochs == p.epochs
     if p is not None and p.budget is not None:
@@ -254,8 +255,8 @@ def test_list_dry_run_and_a_wrong_row(capsys):
     out = capsys.readouterr().out
     assert all(n in out for n in NAMES + FAP_NAMES) and "76.53" in out and "0.994" in out
     titles = [line for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
-    assert titles == [f"Table {i}:" for i in range(1, 6)] + ["text (Shuffling BN):", "Table 6:", "Table 7:",
-                                                             "fap's own steps (not rows of the paper; no paper numbers):"]
+    fap_title = "fap's own steps (not rows of the paper; no paper numbers):"
+    assert titles == [f"Table {i}:" for i in range(1, 6)] + ["text (Shuffling BN):", "Table 6:", "Table 7:", fap_title]
     table7 = [line.split() for line in out.splitlines() if line.startswith("table7/")]
     assert [(t[0], t[-2], t[-1]) for t in table7] == [("table7/vanilla", "35.8", "17.6"),
                                                      ("table7/fast_advprop", "35.8", "19.0")]
@@ -299,7 +300,8 @@ def test_compare_a_detection_eval_with_table7():
 
     got = compare({"map": 36.0, "map50": 55.0, "map_corrupted": 18.0}, "table7/fast_advprop")
     rows = {m["metric"]: (m["ours"], m["paper"], m["difference"]) for m in got["metrics"]}
-    assert rows == {"COCO mAP": (36.0, 35.8, pytest.approx(0.2)), "COCO mAP corrupted": (18.0, 19.0, pytest.approx(-1.0))}
+    assert rows == {"COCO mAP": (36.0, 35.8, pytest.approx(0.2)),
+                    "COCO mAP corrupted": (18.0, 19.0, pytest.approx(-1.0))}
     text = "\n".join(paper_lines(got))
     assert "| COCO mAP corrupted | 18.00 | 19.0 | -1.00 |" in text and "AP@[.50:.95]" in text
     with pytest.raises(ValueError, match="'table7/vanilla' is a detection row .* this is a classification model"):
