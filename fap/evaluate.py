@@ -483,7 +483,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "(default: eval-<model folder name>)")
     parser.add_argument("--compare", default=None, metavar="ROW",
                         help="put the results beside what the Fast AdvProp paper reports for ROW, e.g. "
-                             "table1/fast_advprop (recipes/paper.py --list shows the rows; fap.evaluation.paper)")
+                             "table1/fast_advprop, or table7/fast_advprop for a detector (recipes/paper.py --list "
+                             "shows the rows; fap.evaluation.paper)")
 
 
 def parse_suite(tokens: Sequence[str], args: argparse.Namespace) -> Tuple[SuiteConfig, str]:
@@ -537,7 +538,7 @@ def _run(args: argparse.Namespace) -> int:
     suite, data_path = parse_suite(args.suite, args)
     if args.compare:
         try:  # an unknown row fails before any evaluation
-            paper_result(args.compare)
+            paper_result(args.compare, task="classification")
         except ValueError as e:
             raise ValueError(f"--compare {args.compare}: {e}") from None
     accelerator = Accelerator()

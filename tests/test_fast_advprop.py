@@ -68,21 +68,33 @@ def run_step(model, x, y, **cfg):
         perms.append(p.clone())
         return p
 
-    fa.group_changing_permutation = recording_perm
+    targets = []
+    real_targets = fa.random_wrong_labels
+
+    def recording_targets(*a, **k):  # the real random targets, recorded for the reference
+        t = real_targets(*a, **k)
+        targets.append(t.clone())
+        return t
+
+    fa.group_changing_permutation, fa.random_wrong_labels = recording_perm, recording_targets
     try:
         metrics = method.train_step(model, x, y, backward)
     finally:
-        fa.group_changing_permutation = real
+        fa.group_changing_permutation, fa.random_wrong_labels = real, real_targets
     grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    run_step.targets = targets
     return method, metrics, grads, rec.inputs, calls, perms
 
 
 def closed_form(model0, x, y, x_noisy, *, beta=0.5, steps=1, reuse=True, per_group=True, perm=None, eps=EPS,
-                mixed=False):
+                mixed=False, target=None, bn_eval=False):
     """The objective of DESIGN.md, with plain autograd and hand normalisation.
 
     ``mixed``: the clean and the adversarial losses come from one forward of
-    ``[clean; adversarial]`` (one set of norms, one batch), made after the attack."""
+    ``[clean; adversarial]`` (one set of norms, one batch), made after the attack.
+    ``target``: the noisy pass's loss is on these labels and the attack descends it (a
+    targeted attack); None: the true labels, ascended. ``bn_eval``: the noisy pass runs the
+    BatchNorm layers in eval mode (running statistics)."""
     m = copy.deepcopy(model0)
     params = dict(m.named_parameters())
     b_c = x.shape[0] - round(P_ADV * x.shape[0])
@@ -94,13 +106,18 @@ def closed_form(model0, x, y, x_noisy, *, beta=0.5, steps=1, reuse=True, per_gro
         with route(m, "main"):
             g_clean = grad(F.cross_entropy(m(x_c), y_c, reduction="sum"))
     noisy_terms, x_cur = [], x_noisy
+    bns = [mod for mod in m.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
     for _ in range(steps):
         x_n = x_cur.clone().requires_grad_(True)
+        for mod in bns:
+            mod.training = not bn_eval
         with route(m, "aux"):
-            loss_n = F.cross_entropy(m(x_n), y_a, reduction="sum")
+            loss_n = F.cross_entropy(m(x_n), y_a if target is None else target, reduction="sum")
+        for mod in bns:
+            mod.training = True
         noisy_terms.append(grad(loss_n))
         (g_x,) = torch.autograd.grad(loss_n, x_n)
-        step = x_n.detach() + eps / 255 * g_x.sign()
+        step = x_n.detach() + (1 if target is None else -1) * eps / 255 * g_x.sign()
         x_cur = torch.min(torch.max(step, x_a - eps / 255), x_a + eps / 255).clamp(0, 1)
     x_adv, y_adv = (x_cur, y_a) if perm is None else (x_cur[perm], y_a[perm])
     if mixed:
@@ -218,6 +235,48 @@ def test_reuse_off_differs_by_exactly_the_beta_weighted_noisy_term():
         torch.testing.assert_close(diff, 0.5 * parts["noisy"][names.index(n)], rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("attack_target, attack_bn_mode, reuse", [
+    ("random", "train", True), ("untargeted", "eval", True), ("random", "eval", False)])
+def test_attack_target_and_bn_mode_gradients_equal_the_closed_form(attack_target, attack_bn_mode, reuse):
+    """Sec. 3.2.2's two alternatives: a targeted attack (descend toward a random wrong label,
+    whose loss the noisy pass then trains on) and an attack with running statistics."""
+    model0 = tiny_model()
+    x, y = batch()
+    model = copy.deepcopy(model0)
+    _, metrics, grads, inputs, calls, _ = run_step(
+        model, x, y, p_adv=P_ADV, epsilon=EPS, shuffle=False, reuse=reuse, attack_target=attack_target,
+        attack_bn_mode=attack_bn_mode)
+    target = None
+    if attack_target == "random":
+        (target,) = run_step.targets  # drawn once, by the noisy pass
+        assert (target != y[16:]).all() and ((0 <= target) & (target < 5)).all()
+    else:
+        assert run_step.targets == []
+    expected, _, x_adv, _ = closed_form(model0, x, y, inputs[1], reuse=reuse, target=target,
+                                        bn_eval=attack_bn_mode == "eval")
+    assert torch.equal(inputs[-1], x_adv.float())  # the run's adversarial images, to the bit
+    assert_grads_equal(grads, expected)
+    assert len(calls) == (3 if reuse else 2)
+    aux_counts = {int(b) for n, b in model.named_buffers() if AUX_NAME in n and n.endswith("num_batches_tracked")}
+    assert aux_counts == {1 if attack_bn_mode == "eval" else 2}  # an eval-mode attack leaves the statistics alone
+    assert all(m.training for m in model.modules())  # the modes are restored
+
+
+def test_attack_switches_differ_from_the_default_step():
+    """The closed forms above are not vacuous: each switch changes the gradients."""
+    model0 = tiny_model()
+    x, y = batch()
+    runs = {}
+    for kw in ({}, {"attack_target": "random"}, {"attack_bn_mode": "eval"}):
+        torch.manual_seed(3)
+        runs[tuple(kw.items())] = run_step(copy.deepcopy(model0), x, y, p_adv=P_ADV, epsilon=EPS, shuffle=False,
+                                           **kw)[2]
+    base = runs[()]
+    for key, grads in runs.items():
+        if key:
+            assert any(not torch.allclose(grads[n], base[n]) for n in base), key
+
+
 def test_per_group_normalisation_off_divides_every_group_by_the_shared_count():
     model0 = tiny_model()
     x, y = batch()
@@ -325,6 +384,9 @@ def test_budget_matching_matches_the_paper():
     assert budget_matched(180)[0] == 150 and budget_matched(210, [75, 150, 180]) == (175, [62, 125, 150])
     # Table 4's epochs after budget matching: 87, 79, 70 for p_adv = 0.2, 0.33, 0.5
     assert [budget_matched(105, p_adv=p)[0] for p in (0.2, 0.33, 1 / 3, 0.5)] == [87, 79, 79, 70]
+    # the reference's 2:1 arithmetic: 90 / (2/3 + 1/3 * 2) = 67.5 rounds to 68 (1 - 1/3 in floats gives 67.4999...)
+    assert budget_matched(105, [30, 60, 90, 100], p_adv=1 / 3) == (79, [22, 45, 68, 75])
+    assert budget_matched(105, [30, 60, 90, 100], p_adv=0.5) == (70, [20, 40, 60, 67])
     assert budget_matched(24)[0] == 20  # detection, RetinaNet
 
 
@@ -350,6 +412,15 @@ def test_bad_configuration_is_a_clear_error():
         FastAdvProp(eps=1.0)
     with pytest.raises(ValueError, match="fused=True needs method.norms='dual'"):
         FastAdvProp(fused=True, norms="mixed")
+    with pytest.raises(ValueError, match="attack_target='random' with attack_bn_mode='train' needs method.fused=false"):
+        FastAdvProp(fused=True, attack_target="random")
+    with pytest.raises(ValueError, match="method.attack_bn_mode='frozen' is not valid: expected one of 'train'"):
+        FastAdvProp(attack_bn_mode="frozen")
+    with pytest.raises(ValueError, match="method.attack_target='true' is not valid: expected one of 'untargeted'"):
+        FastAdvProp(attack_target="true")
+    from fap.tasks import DetectionTask
+    with pytest.raises(ValueError, match="attack_target='random': a detector has no single label"):
+        FastAdvProp(attack_target="random", task=DetectionTask())
     with pytest.raises(ValueError, match="method.norms='split' is not valid: expected one of 'dual', 'shared', 'mixed'"):
         FastAdvProp(norms="split")
     x, y = batch(4)

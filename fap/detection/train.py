@@ -476,7 +476,15 @@ def load_detector(path: str):
 def evaluate_cli(args) -> int:
     """``fap eval RUN_OR_EXPORT --suite clean [c=CORRUPT_DIR] --data DIR`` for a detector."""
     from fap.data.coco import dataset_for
+    from fap.evaluation.paper import compare, paper_result
+    from fap.evaluation.report import paper_lines
 
+    compare_row = getattr(args, "compare", None)
+    if compare_row:  # an unknown row, or a classification one, fails before any evaluation
+        try:
+            paper_result(compare_row, task="detection")
+        except ConfigError as e:
+            raise ConfigError(f"--compare {compare_row}: {e}") from None
     if not args.data:
         raise ConfigError("a detection eval scores the validation split's annotations: give --data DIR")
     corrupt = [s.split("=", 1)[1] for s in args.suite if "=" in s]
@@ -486,11 +494,15 @@ def evaluate_cli(args) -> int:
     val_set = dataset_for(args.data, args.val_split)
     cfg = DetectionConfig(data_path=args.data, corrupt_path=corrupt[0] if corrupt else "",
                           eval_batch_size=args.batch_size)
-    results = evaluate_detector(model, cfg, val_set)
+    results: Dict[str, Any] = evaluate_detector(model, cfg, val_set)
+    if compare_row:
+        results["paper"] = compare(results, compare_row)
     out = Path(args.out or f"eval-{Path(args.model).name}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(" | ".join(f"{k} {v:.2f}" for k, v in results.items() if k in ("map", "map50", "map_corrupted")))
+    if compare_row:
+        print("\n" + "\n".join(paper_lines(results["paper"])))
     return 0
 
 

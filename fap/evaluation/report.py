@@ -105,8 +105,12 @@ def paper_lines(paper: Dict) -> List[str]:
     rows = [[m["metric"], _fmt(m["ours"]), "not given" if m["paper"] is None else _as_printed(m["paper"]),
              "–" if m["difference"] is None else f"{m['difference']:+.2f}"] for m in paper["metrics"]]
     note = ("The paper's numbers: Mei et al., ICLR 2022 (`fap.evaluation.paper`). Difference = this evaluation minus "
-            "the paper, in points (↓: lower is better); – = not evaluated here. The paper's IN-C column is most "
-            "likely the unnormalised mean error (its code averages 19 corruptions).")
+            "the paper, in points (↓: lower is better); – = not evaluated here. ")
+    if paper["table"] == "Table 7":
+        note += ("mAP is COCO AP@[.50:.95]; the corrupted mAP is the mean over the corruptions of the copy evaluated "
+                 "(the paper: 15 types).")
+    else:
+        note += "The paper's IN-C column is most likely the unnormalised mean error (its code averages 19 corruptions)."
     lines = [f"### Beside the paper: {paper['row']} ({paper['table']}, {paper['setting']})", ""]
     lines += _table(["metric", "fap eval", title, "difference"], rows) + ["", note, ""]
     return lines + ([f"Row note: {paper['note']}.", ""] if paper.get("note") else [])

@@ -12,6 +12,11 @@ adversarial split. One step = K + 2 passes, one optimizer step:
 3. adversarial: ``x_adv = clip(x_a + δ0 + step·sign(∇x), x_a ± ε) ∩ [0, 1]``, regrouped
    across BN groups (Shuffling BN), through the auxiliary norms, loss weight β.
 
+Sec. 3.2.2 of the paper argues for the untargeted, batch-statistics attack against two
+alternatives; both are switches, so the argument can be run: ``attack_target="random"``
+(AdvProp's attack toward a random wrong label; the noisy pass then trains on that label)
+and ``attack_bn_mode="eval"`` (the attack normalises with running statistics).
+
 ``norms`` says what is normalised together (`fap.methods.base.NORM_MODES`): ``dual`` is
 the above; ``shared`` runs the same passes through one set of norms, each pass with its
 own batch statistics; ``mixed`` is the AdvProp paper's "vanilla adversarial training"
@@ -48,14 +53,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+from fractions import Fraction
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from fap.attacks import random_start, sign_step
+from fap.attacks import random_start, random_wrong_labels, sign_step
 from fap.checks import ConfigError, require
 from fap.methods.base import Method, MethodConfig, Norms, StepCost, check_attack, check_norms
 from fap.norm import dual_norm_modules, has_batch_norm, route, set_grad_scale, split_route
@@ -66,12 +73,13 @@ __all__ = [
     "budget_matched",
     "split_sizes",
     "group_changing_permutation",
+    "batch_norm_eval",
 ]
 
 
 @dataclass(frozen=True)
 class FastAdvPropConfig(MethodConfig):
-    """Every switch of the paper's ablations.
+    """The switches of the step: the paper's ablations, and fap's own ``norms`` and ``fused``.
 
     Args:
         p_adv: fraction of the loader batch used for the adversarial split (0.2).
@@ -85,6 +93,17 @@ class FastAdvPropConfig(MethodConfig):
             (the reference code draws one per batch).
         reuse: keep the noisy pass's weight gradients (the "free" part). False computes
             the attack gradient only.
+        attack_target: ``"untargeted"`` ascends the loss on the true label (the paper's
+            and the reference code's choice: its weight gradients train toward the true
+            label, so they can be reused); ``"random"`` descends the loss toward a random
+            wrong label (AdvProp's attack). With ``reuse`` the noisy pass then trains toward
+            that wrong label, which the paper (Sec. 3.2.2) gives as the reason to attack
+            untargeted; the adversarial pass trains on the true label either way.
+        attack_bn_mode: the normalisation statistics of the noisy (attack) pass:
+            ``"train"`` (batch statistics, the paper's and the reference code's
+            ``--attack_in_train``) or ``"eval"`` (running statistics, as AdvProp attacks;
+            the paper reports NaN losses when the reused gradients come from such an
+            attack). Only BatchNorm layers switch; dropout and drop-path stay in train mode.
         per_group_normalization: normalise shared / main-norm / aux-norm gradients by
             their own counts ("synchronisation"); False divides all by the shared count.
         shuffle: Shuffling BN: regroup the adversarial images across BN groups (ranks,
@@ -103,6 +122,8 @@ class FastAdvPropConfig(MethodConfig):
     random_init_prob: float = 1.0
     random_init_per: Literal["sample", "batch"] = "sample"
     reuse: bool = True
+    attack_target: Literal["untargeted", "random"] = "untargeted"
+    attack_bn_mode: Literal["train", "eval"] = "train"
     per_group_normalization: bool = True
     shuffle: bool = True
     norms: Norms = "dual"
@@ -123,6 +144,11 @@ class FastAdvPropConfig(MethodConfig):
                               "set of BatchNorm the fused pass would mix clean and noisy batch statistics")
         if self.fused and not self.reuse:
             raise ConfigError("method.fused=True needs method.reuse=True: the fused backward trains on the noisy pass")
+        if self.fused and (self.attack_target, self.attack_bn_mode) != ("untargeted", "train"):
+            raise ConfigError(f"method.fused=True runs the noisy pass inside the clean pass's train-mode forward on "
+                              f"the true labels (attack_target='untargeted', attack_bn_mode='train'); "
+                              f"attack_target={self.attack_target!r} with attack_bn_mode={self.attack_bn_mode!r} "
+                              "needs method.fused=false")
         return self
 
 
@@ -144,13 +170,18 @@ def budget_matched(
 ) -> Tuple[int, List[int]]:
     """Epochs and LR milestones divided by ``1 + p_adv·K`` (Mei et al., Sec. 4.1).
 
-    With the reference code's arithmetic: the scale is computed as ``(1 - p_adv) +
-    p_adv·(K + 1)`` (1.2000000000000002 for p_adv = 0.2, K = 1) and the quotient rounded
-    with Python's ``round``. That gives the paper's numbers: 105 → 87 and [30, 60, 90, 100]
-    → [25, 50, 75, 83] at p_adv = 0.2; 79 epochs at p_adv = 0.33 and 70 at 0.5 (Table 4).
-    Dividing by an exact 1.2 would round 87.5 to 88; flooring would give 78 at 0.33.
+    With the reference code's arithmetic (``get_exact_same_budget``): p_adv is read as a
+    clean : adversarial ratio of small integers (0.2 → 4:1, 1/3 → 2:1), the scale is computed
+    as ``clean/(clean + adv) + adv/(clean + adv)·(K + 1)`` in floating point
+    (1.2000000000000002 for 4:1, 1.3333333333333333 for 2:1) and the quotient rounded with
+    Python's ``round``. That gives the paper's numbers: 105 → 87 and [30, 60, 90, 100] →
+    [25, 50, 75, 83] at p_adv = 0.2; 79 epochs and [22, 45, 68, 75] at 1/3; 70 at 0.5
+    (Table 4). Dividing by an exact 1.2 would round 87.5 to 88; computing ``1 - p_adv`` from
+    the float 1/3 would give milestone 67 (67.4999...); flooring would give 78 epochs at 1/3.
     """
-    scale = (1.0 - p_adv) + p_adv * (attack_steps + 1)
+    share = Fraction(p_adv).limit_denominator(1000)  # adversarial : all, as the reference's integer ratio
+    adv, total = share.numerator, share.denominator
+    scale = (total - adv) / total + adv / total * (attack_steps + 1)
     f = lambda e: max(1, int(round(e / scale)))  # noqa: E731
     return f(epochs), [f(m) for m in milestones]
 
@@ -183,6 +214,13 @@ class FastAdvProp(Method):
     name = "fast_advprop"
     branches = ("clean", "noisy", "adversarial")
     config_cls = FastAdvPropConfig
+
+    def validate(self) -> None:
+        """`Method.validate`; a detector has no single label to target."""
+        super().validate()
+        if self.task.name == "detection" and self.config.attack_target != "untargeted":
+            raise ConfigError(f"method.attack_target={self.config.attack_target!r}: a detector has no single label "
+                              "per image to target; use 'untargeted' (the summed detection loss is ascended)")
 
     # -- bookkeeping -----------------------------------------------------------------
     def weights(self, b_c: int, b_a: int) -> Dict[str, float]:
@@ -235,9 +273,10 @@ class FastAdvProp(Method):
                     loss_c = task.loss_sum(logits_c, t_c, c.label_smoothing)
                     backward(k * loss_c)
                     metrics.update(task.metrics("clean", loss_c, logits_c, t_c))
+                target = None  # the attack's labels, drawn by the first noisy pass
                 for _ in range(c.attack_steps - (0 if first else 1)):
-                    x_cur = self._noisy_pass(model, unwrapped_model, x_a, x_cur, y_a, backward, k, step,
-                                             metrics if first else None)
+                    x_cur, target = self._noisy_pass(model, unwrapped_model, x_a, x_cur, y_a, target, backward, k,
+                                                     step, metrics if first else None)
                     first = False
             metrics["perturbation_linf"] = (x_cur - x_a.float()).abs().amax() * 255.0
             x_adv, y_adv = self._shuffle(model, x_cur, y_a) if c.shuffle else (x_cur, y_a)
@@ -271,25 +310,32 @@ class FastAdvProp(Method):
         return {**task.metrics("clean", loss_c, out_c, t_c),
                 **task.metrics(other, loss_o, out_o, y_other)}
 
-    def _noisy_pass(self, model, unwrapped_model, x_a, x_cur, y_a, backward, k, step, metrics):
-        """Forward the current point through the aux norms (train mode); return the next point."""
+    def _noisy_pass(self, model, unwrapped_model, x_a, x_cur, y_a, target, backward, k, step, metrics):
+        """Forward the current point through the aux norms; return the next point and the attack's labels.
+
+        The attack's labels are the true ones (``attack_target="untargeted"``) or random wrong
+        ones, drawn on the first iteration and kept (``"random"``, AdvProp's target): the step
+        ascends the loss on the former and descends it toward the latter. With ``reuse`` the
+        pass's β-weighted loss on those labels is trained on; ``attack_bn_mode="eval"``
+        normalises with the running statistics (which this pass then leaves unchanged).
+        """
         c, task = self.config, self.task
         x_n = x_cur.detach().requires_grad_(True)
+        net = model if c.reuse or unwrapped_model is None else unwrapped_model
+        with route(net, "aux"), batch_norm_eval(net, c.attack_bn_mode == "eval"), torch.enable_grad():
+            logits = task.forward(net, x_n, y_a)
+            if target is None:
+                target = y_a if c.attack_target == "untargeted" else random_wrong_labels(y_a, logits.shape[-1])
+            loss = task.loss_sum(logits, target)
+            if not c.reuse:
+                (grad,) = torch.autograd.grad(loss, x_n)
         if c.reuse:
-            with route(model, "aux"):
-                logits = task.forward(model, x_n, y_a)
-            loss = task.loss_sum(logits, y_a)
             backward(k * c.beta * loss)
             grad = x_n.grad
-        else:
-            attacker = unwrapped_model if unwrapped_model is not None else model
-            with route(attacker, "aux"), torch.enable_grad():
-                logits = task.forward(attacker, x_n, y_a)
-                loss = task.loss_sum(logits, y_a)
-                (grad,) = torch.autograd.grad(loss, x_n)
         if metrics is not None:
-            metrics.update(task.metrics("noisy", loss, logits, y_a))
-        return sign_step(x_a, x_n, grad, epsilon=c.epsilon, step=step)
+            metrics.update(task.metrics("noisy", loss, logits, target))
+        x_next = sign_step(x_a, x_n, grad, epsilon=c.epsilon, step=step, ascend=c.attack_target == "untargeted")
+        return x_next, target
 
     def _shuffle(self, model, x_adv: torch.Tensor, y: torch.Tensor):
         """Shuffling BN: move every adversarial image to another BN group (BatchNorm models).
@@ -330,6 +376,21 @@ class FastAdvProp(Method):
         rank = dist.get_rank()
         idx = perm[rank * b_a:(rank + 1) * b_a]
         return torch.cat(xs)[idx], self.task.cat(ys)[idx]
+
+
+@contextlib.contextmanager
+def batch_norm_eval(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside, the BatchNorm layers of ``model`` that train normalise with their running
+    statistics and leave them unchanged (``attack_bn_mode="eval"``); other layers (dropout,
+    drop-path) keep their mode. Each layer's own flag is set, not its children's."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training] if enabled else []
+    for m in layers:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = True
 
 
 def _aux_group_size(model) -> Optional[int]:
