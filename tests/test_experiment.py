@@ -215,9 +215,15 @@ def test_a_killed_experiment_resumes_to_the_uninterrupted_results(toy_data, tmp_
 
 def test_equal_epochs_through_the_cli(toy_data, tmp_path):
     out = tmp_path / "epochs"
-    done = subprocess.run(_compare(toy_data, out, "equal-epochs"), capture_output=True, text=True, env=_env())
+    done = subprocess.run(_compare(toy_data, out, "equal-epochs", "--measure", "fap.experiment.measures:branch_scores"),
+                          capture_output=True, text=True, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
+    branches = {"clean_main", "clean_aux", "adversarial_main", "adversarial_aux"}
+    for r in data["runs"]:  # the measure's numbers are metrics; vanilla has no auxiliary norms to score
+        assert (branches <= set(r["metrics"])) == (r["arm"] == "fast")
+        if r["arm"] == "fast":
+            assert r["metrics"]["clean_main"] == pytest.approx(r["metrics"]["top1"])
     assert {r["run"]["epochs"] for r in data["runs"]} == {6}
     fast = [r for r in data["runs"] if r["arm"] == "fast"]
     assert all(r["run"]["cost_ratio_run"] == pytest.approx(1.2) for r in fast)
