@@ -135,6 +135,11 @@ def test_a_run_directory_made_with_another_config_is_refused_naming_the_key(tmp_
         check_run_dir(other.run("fast", 0), run_spec(other.run("fast", 0), options))
     with pytest.raises(ConfigError, match="measurements.train_images"):
         check_run_dir(rp, run_spec(rp, {"train_images": 5, "measure": None}))
+    # a key the record lacks (a field added to fap since the run) counts as its default, as on resume
+    spec = run_spec(rp, options)
+    del spec["config"]["method"]["random_init_prob"]
+    (rp.run_dir / "experiment.json").write_text(json.dumps(spec))
+    assert check_run_dir(rp, run_spec(rp, options)) == "finished"
     # settings that cannot change the numbers do not count
     quiet = make_plan(_base(tmp_path), ARMS[:2], [0], out=tmp_path / "x", overrides=["--log.every_steps=7"])
     assert check_run_dir(quiet.run("fast", 0), run_spec(quiet.run("fast", 0), options)) == "finished"

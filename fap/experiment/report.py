@@ -173,7 +173,7 @@ def _contrast_cells(c: Dict[str, Any]) -> List[str]:
         interval = f"[{lo:+.2f}, {hi:+.2f}] ({100 * c['level']:.1f} %)"
         p = _p(c["p"])
         holm = _p(c["holm"]["p_adjusted"]) if "holm" in c else "–"
-        detectable = f"±{c['detectable']:.2f}"
+        detectable = f"{c['detectable']:.2f}"
         verdict = "**resolved**" if c["resolved"] else f"not resolved (detects ≥ {c['detectable']:.2f})"
     m = c.get("mcnemar")
     image = "–" if not m else f"{m['a_only']} vs {m['b_only']} of {m['images']}, p {_p(m['p'])}"

@@ -118,6 +118,10 @@ def check_run_dir(rp: RunPlan, spec: Dict[str, Any]) -> str:
 
 
 def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Tuple[Any, Any]]]:
+    from fap.config import from_dict
+
+    # a key the recorded config lacks (a field added to fap since) counts as its default, as on resume
+    old = dict(old, config=to_dict(from_dict(old.get("config", {}))))
     out = []
     for section in sorted(set(old.get("config", {})) | set(new["config"])):
         a, b = old.get("config", {}).get(section, {}), new["config"].get(section, {})
