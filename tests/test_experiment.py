@@ -259,3 +259,13 @@ def test_compare_help_documents_the_feature(capsys):
                   "McNemar", "Holm", "detects", "training", "results.json", "report.md", "results.png", "--launcher",
                   "fap.experiment.run"):
         assert words in text, words
+
+
+def test_a_failing_run_is_named_with_its_log(toy_data, tmp_path):
+    out = tmp_path / "broken"
+    cmd = _compare(toy_data, out, "equal-epochs", arms=TOY_ARMS[2:], seeds=("0",), contrasts=())
+    cmd[cmd.index(f"--data.path={toy_data}")] = f"--data.path={tmp_path / 'nowhere'}"
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert done.returncode == 2
+    assert "run fast seed 0 failed (exit status 2)" in done.stderr and "nowhere" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import runpy
 import shlex
+import sys
 from pathlib import Path
 
 from fap.checks import ConfigError
@@ -113,11 +114,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--smoke: " + (f"{args.recipe} defines no `smoke`" if args.recipe else "give a --recipe"))
     contrasts = [Contrast.parse(t, primary=True) for t in args.primary]
     contrasts += [Contrast.parse(t, primary=False) for t in args.secondary]
-    run_experiment(
-        base, [Arm.parse(t) for t in args.arm], args.seeds, out=args.out, protocol=args.protocol,
-        contrasts=contrasts, overrides=args.overrides, smoke=smoke if args.smoke else None, epochs=args.epochs,
-        jobs=args.jobs, launcher=shlex.split(args.launcher), measure=args.measure,
-        train_images=None if args.train_images < 0 else args.train_images, progress=not args.quiet,
-    )
+    from fap.experiment.runner import ExperimentError
+
+    try:
+        run_experiment(
+            base, [Arm.parse(t) for t in args.arm], args.seeds, out=args.out, protocol=args.protocol,
+            contrasts=contrasts, overrides=args.overrides, smoke=smoke if args.smoke else None, epochs=args.epochs,
+            jobs=args.jobs, launcher=shlex.split(args.launcher), measure=args.measure,
+            train_images=None if args.train_images < 0 else args.train_images, progress=not args.quiet,
+        )
+    except ExperimentError as e:  # a run failed: its name and log tail, not this process's traceback
+        print(f"fap compare: error: {e}", file=sys.stderr)
+        return 2 if e.status == 2 else 1
     print(f"\nwrote {Path(args.out) / 'results.json'}, report.md and results.png")
     return 0

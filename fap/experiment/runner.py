@@ -39,7 +39,12 @@ DEFAULT_TRAIN_IMAGES = 10000
 
 
 class ExperimentError(RuntimeError):
-    """A run of the experiment failed; the message names it and ends with its log's tail."""
+    """A run of the experiment failed; the message names it and ends with its log's tail.
+    ``status`` is the run's exit status (2: a mistake in its config, data or checkpoint)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
 
 
 def run(
@@ -165,7 +170,7 @@ def run_plan(plan: Plan, options: Dict[str, Any], *, jobs: int = 1, launcher: Se
                 running.remove(item)
                 log.close()
                 if proc.returncode != 0:
-                    raise ExperimentError(_failure(rp, proc.returncode))
+                    raise ExperimentError(_failure(rp, proc.returncode), proc.returncode)
                 bar.update(1)
     finally:
         for rp, proc, log in running:  # stopped (error, Ctrl-C): the others save and stop too

@@ -46,8 +46,16 @@ def main(argv=None) -> int:
     from fap.config import from_dict
     from fap.engine import train
 
+    from fap.checkpoint import CheckpointError
+    from fap.checks import ConfigError
+    from fap.data import DataError
+
     cfg = from_dict(spec["config"])
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:  # the user's mistake: one line, status 2
+        print(f"fap.experiment.worker {run_dir}: error: {e}", file=sys.stderr)
+        return 2
     result = measure_run(cfg, summary, spec["measurements"])
     from accelerate import PartialState
 
