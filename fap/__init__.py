@@ -26,6 +26,7 @@ _LAZY = {
     "EMAConfig": "fap.config",
     "CheckpointConfig": "fap.config",
     "LogConfig": "fap.config",
+    "DetectionSection": "fap.config",
     "ConfigError": "fap.config",
 }
 
