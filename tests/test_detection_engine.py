@@ -177,6 +177,28 @@ def test_the_nonfinite_policy(det_data, tmp_path):
     assert summary["nonfinite_skipped"] == len(skipped) == 1 and skipped[0]["action"] == "skip"
 
 
+def test_bf16_from_the_launcher(det_data, tmp_path):
+    """``accelerate launch --mixed_precision bf16`` (its environment variable) runs the detector
+    under autocast; the losses stay finite. (At 48 px RetinaNet's P7 level is 1x1 and CPU bf16
+    made its weight non-finite in one update; the test resizes to 96 px, as the demo trains.)
+    A process of its own: Accelerate keeps one precision per process."""
+    import subprocess
+
+    from helpers_engine import REPO, clean_env
+
+    data, _ = det_data
+    out = tmp_path / "bf16"
+    args = _launch_args(data, out, "--detection.min_size=96", "--detection.max_size=96", "--train.batch_size=5",
+                        "--checkpoint.export=false", "--checkpoint.every_epochs=0", "--log.every_steps=1")
+    proc = subprocess.run([sys.executable, "-m", "fap.engine", *args], cwd=REPO, timeout=600, capture_output=True,
+                          text=True, env=clean_env(ACCELERATE_MIXED_PRECISION="bf16"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == "bf16" and summary["steps"] == 2
+    train = [r for r in read_log(out) if r["type"] == "train"]
+    assert len(train) == 2 and all(0 < r["loss_clean"] < 10 and 0 < r["loss_adversarial"] < 10 for r in train)
+
+
 def test_vanilla_and_advprop_run(det_data, tmp_path):
     data, _ = det_data
     for method, extra in (("vanilla", ()), ("advprop", ("--method.attack_steps=1", "--method.targeted=false"))):
