@@ -373,9 +373,9 @@ class DetectionTask(Task):
 
     def export(self, cfg, state_dict, out_dir, *, num_classes):
         """A plain torchvision RetinaNet (`fap.detection.train.export_detector`)."""
-        from fap.detection.train import export_detector
+        from fap.detection.train import detection_arch, export_detector
 
-        return export_detector(cfg, state_dict, out_dir, num_classes=num_classes)
+        return export_detector(state_dict, out_dir, arch=detection_arch(cfg.detection, num_classes))
 
 
 CLASSIFICATION = ClassificationTask()

@@ -100,6 +100,9 @@ def test_fast_advprop_trains_evaluates_and_exports_with_an_ema(det_data, tmp_pat
     again = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert again["map"] == pytest.approx(summary["map"])
     assert again["map_corrupted"] == pytest.approx(final["map_corrupted"])
+    # `fap export` of the last checkpoint dispatches on the recorded task: the run's own export, to the bit
+    assert fap_main(["export", str(out), "--out", str(tmp_path / "again" / "export")]) == 0
+    assert equal_exports(out, tmp_path / "again")
 
 
 def test_resume_at_an_epoch_end_continues_bitwise(det_data, tmp_path, one_thread):

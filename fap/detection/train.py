@@ -17,6 +17,7 @@ normalised by its own BatchNorm batch, and the update is the same (tested).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 
 from fap.checks import ConfigError
 
-__all__ = ["GlobalBatches", "build_data", "build_model", "export_detector"]
+__all__ = ["GlobalBatches", "build_data", "build_model", "detection_arch", "export_detector"]
 
 
 class GlobalBatches:
@@ -86,9 +87,11 @@ def build_data(cfg, *, world: int, rank: int) -> Tuple[torch.utils.data.DataLoad
     return loader, val_set, cfg.model.num_classes or num_classes_of(train_set.coco)
 
 
-def _arch(cfg, num_classes: int) -> Dict:
-    d = cfg.detection
-    return {"backbone": d.backbone, "num_classes": num_classes, "min_size": d.min_size, "max_size": d.max_size}
+def detection_arch(detection, num_classes: int) -> Dict:
+    """What an export records to rebuild the network: the ``detection`` section (or its dict) and the classes."""
+    get = detection.get if isinstance(detection, dict) else functools.partial(getattr, detection)
+    return {"backbone": get("backbone"), "num_classes": num_classes, "min_size": get("min_size"),
+            "max_size": get("max_size")}
 
 
 def build_model(cfg, num_classes: int):
@@ -102,7 +105,7 @@ def build_model(cfg, num_classes: int):
         _load_trunk(net, d.backbone_weights)
     if cfg.model.dual_norm:
         convert_dual_norm(net, aux_group_size=cfg.model.aux_group_size)
-    return Detector(net, _arch(cfg, num_classes))
+    return Detector(net, detection_arch(d, num_classes))
 
 
 def _load_trunk(net, path: str) -> None:
@@ -123,9 +126,13 @@ def _load_trunk(net, path: str) -> None:
                           f"trunk (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def export_detector(cfg, state_dict: Dict[str, torch.Tensor], out_dir: Path, *, num_classes: int) -> Path:
+def export_detector(state_dict: Dict[str, torch.Tensor], out_dir: Path, *, arch: Dict) -> Path:
     """``model.safetensors`` (aux norms stripped: a plain torchvision RetinaNet, loaded strictly
-    to check) and ``config.json`` (``task: detection`` and the architecture) in ``out_dir``."""
+    to check) and ``config.json`` (``task: detection`` and the `detection_arch`) in ``out_dir``.
+
+    Args:
+        state_dict: a `Detector`'s weights (keys ``net.*``), e.g. a run's or a checkpoint's.
+    """
     from safetensors.torch import save_file
 
     from fap.detection.model import plain_retinanet
@@ -133,8 +140,7 @@ def export_detector(cfg, state_dict: Dict[str, torch.Tensor], out_dir: Path, *, 
 
     net_sd = {k[len("net."):]: v for k, v in state_dict.items() if k.startswith("net.")}
     sd = {k: v.detach().cpu().contiguous() for k, v in strip_aux(net_sd).items()}
-    arch = _arch(cfg, num_classes)
-    plain_retinanet(num_classes, backbone=arch["backbone"], min_size=arch["min_size"],
+    plain_retinanet(arch["num_classes"], backbone=arch["backbone"], min_size=arch["min_size"],
                     max_size=arch["max_size"]).load_state_dict(sd, strict=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
