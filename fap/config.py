@@ -292,7 +292,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    # The robustness suite run once on the final weights (`fap.evaluate.run_suite`); off
+    # The robustness suite run once on the final weights (`fap.evaluation.suite.run_suite`); off
     # unless a set or PGD is named, e.g. --final_eval.imagenet_c=/data/imagenet-c.
     final_eval: SuiteConfig = field(default_factory=lambda: SuiteConfig(clean=False))
     detection: DetectionSection = field(default_factory=DetectionSection)

@@ -21,9 +21,8 @@ from fap.engine.distributed import average_bn_stats, full_state_dict
 from fap.engine.log import RunLog
 from fap.engine.setup import Run, build_run, resume
 from fap.engine.state import NonFiniteLossError, Preempted, StopSignals
-from fap.tasks import CLASSIFICATION
 
-__all__ = ["train", "train_one_epoch", "end_of_epoch", "epoch_cadence", "evaluate_main"]
+__all__ = ["train", "train_one_epoch", "end_of_epoch", "epoch_cadence", "evaluate_run"]
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
@@ -264,17 +263,6 @@ def evaluate_run(run: Run, log: RunLog) -> Dict[str, Any]:
     log.write({"type": "eval", "epoch": run.state.epoch, **result})
     log.print(f"epoch {run.state.epoch}: {task.describe(result)}")
     return result
-
-
-@torch.no_grad()
-def evaluate_main(accelerator, model: torch.nn.Module, loader, *, prepared: bool = True,
-                  channels_last: bool = False) -> Dict[str, float]:
-    """Top-1 / top-5 (percent) and mean loss of a classifier through the **main** norms, over all
-    processes (`fap.tasks.ClassificationTask.evaluate`)."""
-    from types import SimpleNamespace
-
-    cfg = SimpleNamespace(train=SimpleNamespace(channels_last=channels_last))
-    return CLASSIFICATION.evaluate(accelerator, model, loader, cfg, prepared=prepared)
 
 
 def final_eval(run: Run, log: RunLog) -> Dict[str, float]:
