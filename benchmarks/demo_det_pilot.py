@@ -8,7 +8,11 @@ AdamW weight decay 0.05. Writes /tmp/det/pilot_NAME.jsonl. Results: benchmarks/r
 """
 import sys, time, json, torch
 torch.set_num_threads(1)
-from fap.detection.train import DetectionConfig, build_model, build_method, GlobalBatches
+from fap.config import DetectionSection, TrainConfig
+from fap.data.config import DataConfig
+from fap.detection.train import build_model, GlobalBatches
+from fap.methods import build_method
+from fap.tasks import get_task
 from fap.detection.evaluate import coco_map
 from fap.data.coco import dataset_for, detection_collate, num_classes_of
 from fap.data.base import to_unit_float
@@ -16,8 +20,9 @@ name, opt_name, lr, updates, every = sys.argv[1], sys.argv[2], float(sys.argv[3]
 data = sys.argv[6] if len(sys.argv) > 6 else "/tmp/det/demo-det"
 torch.manual_seed(0)
 tr = dataset_for(data, "train", flip_prob=0.5, seed=0); va = dataset_for(data, "val")
-cfg = DetectionConfig(data_path=data, backbone="resnet18", min_size=96, max_size=96, method="vanilla")
-m = build_method(cfg); model = build_model(cfg, num_classes_of(tr.coco)); model.train()
+cfg = TrainConfig(task="detection", data=DataConfig(source="demo-det", path=data),
+                  detection=DetectionSection(backbone="resnet18", min_size=96, max_size=96))
+m = build_method("vanilla", task=get_task("detection")); model = build_model(cfg, num_classes_of(tr.coco)); model.train()
 params = [p for p in model.parameters() if p.requires_grad]
 opt = (torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4) if opt_name == "sgd"
        else torch.optim.AdamW(params, lr=lr, weight_decay=0.05))

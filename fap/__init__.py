@@ -9,6 +9,19 @@
 
 The training API is imported on first use, so ``import fap.norm`` stays light.
 ``fap.evaluate`` is the evaluation module (``fap eval``), not an attribute of this one.
+
+What may import what (data flows recipe -> config -> engine -> task, data, model, method ->
+metrics, checkpoints, export; imports point the same way, function-level imports included,
+and never form a cycle: ``tests/test_imports.py`` walks them all and prints any cycle):
+
+* ``fap.cli``, ``fap.__main__`` and ``fap.engine.__main__`` are the top floor: nothing imports them.
+* ``fap.engine`` drives a run and is task-blind: it calls ``fap.tasks.get_task(cfg.task)``
+  and never imports ``fap.attacks``, ``fap.detection`` or the ``fap eval`` command (``fap.evaluate``).
+* ``fap.methods`` drive a task's step; ``fap.tasks`` sits below them and reaches down into
+  ``fap.data``, ``fap.models``, ``fap.evaluation``, ``fap.detection`` and ``fap.checkpoint``.
+* ``fap.evaluation`` and ``fap.detection`` never import a training module (``fap.engine``).
+* ``fap.config`` imports only schema modules (``fap.data.config``, ``fap.evaluation.config``,
+  ``fap.detection.config``, the method configs); ``fap.checks`` is the ground floor.
 """
 __version__ = "0.1.0"
 
@@ -26,6 +39,7 @@ _LAZY = {
     "EMAConfig": "fap.config",
     "CheckpointConfig": "fap.config",
     "LogConfig": "fap.config",
+    "DetectionSection": "fap.config",
     "ConfigError": "fap.config",
 }
 

@@ -710,6 +710,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = marker["config"]
     out = Path(args.out) if args.out else ckpt.parent.parent / ("export_ema" if args.ema else "export")
     sd = load_checkpoint_weights(ckpt, ema=args.ema)
+    if cfg.get("task") == "detection":  # dispatch on the task the run recorded: a torchvision RetinaNet
+        from fap.detection.train import detection_arch, export_detector
+
+        export_detector(sd, out, arch=detection_arch(cfg["detection"], int(marker["num_classes"])))
+        print(f"exported {ckpt} ({'EMA' if args.ema else 'model'}, step {marker.get('step')}) to {out}; load it "
+              "with fap.detection.evaluate.load_detector or torchvision's retinanet_*_fpn")
+        return 0
     export_timm(sd, out, model_cfg=cfg["model"], num_classes=int(marker["num_classes"]), data_cfg=cfg.get("data"))
     print(f"exported {ckpt} ({'EMA' if args.ema else 'model'}, step {marker.get('step')}) to {out}; load it with "
           f"timm.create_model('local-dir:{out}', pretrained=True)")

@@ -117,6 +117,10 @@ def _train_from_args(config, argv: List[str], *, smoke, prog: str) -> int:
 
     cfg = config(peek_method(argv)) if callable(config) else config
     cfg = parse_args(cfg, argv, smoke=smoke)
+    if not cfg.data.path and cfg.task == "detection":
+        raise ConfigError("data.path is empty: point the run at a COCO-format root (DIR/<split>/images, "
+                          "DIR/annotations/instances_<split>.json) with --data.path=DIR;\n  or try it on the demo "
+                          f"detection set: {prog} --data.source=demo-det --data.path=data/demo-det")
     if not cfg.data.path:
         demo = f"{prog}{' --smoke' if smoke is not None else ''} --data.source=demo --data.path=data/demo"
         raise ConfigError(

@@ -1,8 +1,9 @@
 """Typed configuration of a training run, and ``--section.key=value`` command-line overrides.
 
-A run is described by one `TrainConfig`: a handful of plain dataclass sections
-(``train``, ``data``, ``model``, ``method``, ``optim``, ``sched``, ``mixup``, ``ema``,
-``checkpoint``, ``log``). Recipes are plain Python that build one and call `fap.train`
+A run is described by one `TrainConfig`: its ``task`` (``classification`` or
+``detection``, `fap.tasks`) and a handful of plain dataclass sections (``train``, ``data``,
+``model``, ``method``, ``optim``, ``sched``, ``mixup``, ``ema``, ``checkpoint``, ``log``,
+``final_eval``, ``detection``). Recipes are plain Python that build one and call `fap.train`
 (the nanoGPT / accelerate-examples style); `parse_args` applies command-line overrides
 on top, with types taken from the dataclass annotations:
 
@@ -12,7 +13,7 @@ on top, with types taken from the dataclass annotations:
 The ``data`` section is `fap.data.DataConfig` and the ``method`` section is the chosen
 method's own dataclass (`fap.methods.CONFIGS`), so neither is duplicated here: ``--method
 NAME`` swaps the section for ``CONFIGS[NAME]()`` and ``--method.KEY=VALUE`` sets one of its
-fields. Unknown sections and keys, values of the wrong type, and choices outside a
+fields; ``--task=detection`` picks the task. Unknown sections and keys, values of the wrong type, and choices outside a
 ``Literal`` are errors that name the key and what would be valid.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from fap.checks import ConfigError, choices_text, literal_choices
-from fap.data import DataConfig
+from fap.data.config import DETECTION_SOURCES, DataConfig
+from fap.detection.config import DetectionSection
 from fap.evaluation.config import SuiteConfig
 from fap.methods import CONFIGS as METHOD_CONFIGS
 
@@ -40,6 +42,7 @@ __all__ = [
     "CheckpointConfig",
     "LogConfig",
     "TrainConfig",
+    "TASKS",
     "method_name",
     "apply_overrides",
     "parse_args",
@@ -266,10 +269,19 @@ class LogConfig:
 
 MethodConfig = Any  # one of fap.methods.CONFIGS' dataclasses
 
+Task = Literal["classification", "detection"]
+TASKS = typing.get_args(Task)
+
 
 @dataclass
 class TrainConfig:
-    """A whole run. ``method`` is an instance of one of `fap.methods.CONFIGS`."""
+    """A whole run. ``method`` is an instance of one of `fap.methods.CONFIGS`.
+
+    ``task`` picks what the run trains (`fap.tasks`): a timm classifier (``model``) on
+    class-labelled images, or a RetinaNet (``detection``) on COCO-format boxes
+    (``data.source`` ``coco`` or ``demo-det``). Every other section means the same for both.
+    """
+    task: Task = "classification"
     train: RunSection = field(default_factory=RunSection)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -280,16 +292,17 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    # The robustness suite run once on the final weights (`fap.evaluate.run_suite`); off
+    # The robustness suite run once on the final weights (`fap.evaluation.suite.run_suite`); off
     # unless a set or PGD is named, e.g. --final_eval.imagenet_c=/data/imagenet-c.
     final_eval: SuiteConfig = field(default_factory=lambda: SuiteConfig(clean=False))
+    detection: DetectionSection = field(default_factory=DetectionSection)
 
     @property
     def output_dir(self) -> str:
         return self.log.output_dir or f"runs/{self.train.name}"
 
 
-SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "task")
 
 
 def method_name(method_cfg: Any) -> str:
@@ -523,8 +536,10 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     for key, value in pairs:
         if key == "method":
             cfg = _set_method(cfg, value)
+        elif key == "task":
+            cfg = dataclasses.replace(cfg, task=_parse(value or "", Task, "task"))
     for key, value in pairs:
-        if key == "method":
+        if key in ("method", "task"):
             continue
         if value is None:
             raise ConfigError(f"--{key} is not an override; use --section.key=value")
@@ -535,7 +550,8 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
 def describe(cfg: TrainConfig) -> str:
     """Every overridable key with its type and current value (for ``--help``)."""
     lines = ["Overrides: --section.key=value  (--method NAME picks the method: "
-             + ", ".join(sorted(METHOD_CONFIGS)) + ")"]
+             + ", ".join(sorted(METHOD_CONFIGS)) + "; --task NAME the task: " + ", ".join(TASKS) + ")",
+             f"  --task={cfg.task!r}"]
     for section in SECTIONS:
         obj = getattr(cfg, section)
         title = f"[{section}]" + (f"  ({method_name(obj)})" if section == "method" else "")
@@ -612,6 +628,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     Checks that need the world size (divisibility of the batch) happen in the engine.
     """
     _require(isinstance(cfg, TrainConfig), f"expected a TrainConfig, got {type(cfg).__name__}")
+    _require(cfg.task in TASKS, f"task={cfg.task!r}: expected {choices_text(TASKS)}")
     for section in SECTIONS:
         obj = getattr(cfg, section)
         if section == "method":
@@ -622,6 +639,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             continue
         _check_types(section, obj)
     _check_values(cfg)
+    _section_validate(cfg.detection.validate)
+    _check_task(cfg)
     # Each method checks its own switches, and those that depend on the other sections.
     _section_validate(lambda: cfg.method.validate(model_dual_norm=cfg.model.dual_norm,
                                                   mixup_enabled=cfg.mixup.enabled))
@@ -636,6 +655,19 @@ def _section_validate(check: Callable[[], Any]) -> None:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_task(cfg: TrainConfig) -> None:
+    """The data source must be one of the task's."""
+    source = cfg.data.source
+    if cfg.task == "detection":
+        _require(source in DETECTION_SOURCES,
+                 f"data.source={source!r} with task='detection': a detector trains on boxes; use "
+                 f"{choices_text(DETECTION_SOURCES)} (a COCO-format root at data.path)")
+    else:
+        _require(source not in DETECTION_SOURCES,
+                 f"data.source={source!r} is a detection source; add --task=detection, or use a classification "
+                 "source (folder, hf, ffcv, demo)")
 
 
 def _check_values(cfg: TrainConfig) -> None:
@@ -697,8 +729,8 @@ def _plain(value: Any) -> Any:
 
 
 def to_dict(cfg: TrainConfig) -> Dict[str, Dict[str, Any]]:
-    """A JSON-ready dict; ``method`` carries its ``name``."""
-    out: Dict[str, Dict[str, Any]] = {}
+    """A JSON-ready dict; ``method`` carries its ``name``; ``task`` is the one entry that is not a section."""
+    out: Dict[str, Any] = {"task": cfg.task}
     for section in SECTIONS:
         obj = getattr(cfg, section)
         d = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -725,11 +757,11 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 def from_dict(d: Dict[str, Dict[str, Any]]) -> TrainConfig:
     """Rebuild a `TrainConfig` from `to_dict` output (e.g. a run's ``config.json``)."""
-    unknown = sorted(set(d) - set(SECTIONS))
-    _require(not unknown, f"unknown config sections {unknown}; valid: {', '.join(SECTIONS)}")
-    kwargs = {}
+    unknown = sorted(set(d) - set(SECTIONS) - {"task"})
+    _require(not unknown, f"unknown config sections {unknown}; valid: task, {', '.join(SECTIONS)}")
+    kwargs: Dict[str, Any] = {"task": d["task"]} if "task" in d else {}
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in d:
+        if f.name not in d or f.name == "task":
             continue
         values = dict(d[f.name])
         if f.name == "method":
@@ -750,6 +782,8 @@ def diff(a: TrainConfig, b: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
     """``{"section.key": (value_in_a, value_in_b)}`` for every key that differs."""
     da, db = to_dict(a), to_dict(b)
     out: Dict[str, Tuple[Any, Any]] = {}
+    if a.task != b.task:
+        out["task"] = (a.task, b.task)
     for section in SECTIONS:
         sa, sb = da.get(section, {}), db.get(section, {})
         for key in sorted(set(sa) | set(sb)):

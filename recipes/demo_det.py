@@ -3,6 +3,9 @@
     python recipes/demo_det.py                      # 3 seeds x 3 arms; table in OUT/results.md
     python recipes/demo_det.py --seeds 0 --smoke    # one tiny run of each (what the tests run)
 
+Each run is an ordinary ``TrainConfig(task="detection", ...)`` trained by `fap.engine.train`
+(the engine every recipe uses); this script only loops over arms and seeds and tabulates.
+
 It draws the demo detection set (``fap data demo-det``: 160 train / 40 val images of
 96 px, 5 shape classes, 2-4 objects each on cluttered backgrounds) and a corrupted copy of
 its val split (``fap data corrupt``: the 15 corruptions at severities 1-5), then trains a
@@ -34,10 +37,12 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import asdict
 from typing import Dict, List, Optional
 
-from fap.detection.train import DetectionConfig, train_detection
+import fap
+from fap.config import to_dict
+from fap.data import DataConfig
+from fap.methods import CONFIGS, budget_matched
 
 
 # arm -> (method, its switches)
@@ -48,35 +53,61 @@ ARMS = {
 }
 
 
-def config(arm: str, seed: int, data: str, corrupt: str, out: str, *, smoke: bool = False) -> DetectionConfig:
+VANILLA_EPOCHS, VANILLA_MILESTONES = 30, (20, 27)
+TRAIN_IMAGES, SMOKE_TRAIN_IMAGES = 160, 20  # the demo detection set's training split (full, --smoke)
+WARMUP_UPDATES = 50
+
+
+def config(arm: str, seed: int, data: str, corrupt: str, out: str, *, smoke: bool = False) -> fap.TrainConfig:
     """One arm: the method's batch (its clean part is 8) and budget-matched epochs."""
     method, options = ARMS[arm]
-    fast = method == "fast_advprop"
-    return DetectionConfig(
-        data_path=data, corrupt_path=corrupt, backbone="resnet18", min_size=96, max_size=96, dual_norm=True,
-        method=method, method_options=dict(options), budget_matched=True,
-        epochs=1 if smoke else 30, milestones=() if smoke else (20, 27), batch_size=10 if fast else 8,
-        optimizer="adamw", lr=3e-4, weight_decay=0.05, warmup_iters=2 if smoke else 50, eval_batch_size=20, seed=seed, flip_prob=0.5,
-        output_dir=os.path.join(out, f"{arm}_seed{seed}"), checkpoint_keep=1, resume="auto",
+    method_cfg = CONFIGS[method](**options)
+    epochs, milestones = (1, ()) if smoke else (VANILLA_EPOCHS, VANILLA_MILESTONES)
+    batch = 8
+    if method == "fast_advprop":
+        batch = 10
+        epochs, milestones = budget_matched(epochs, milestones, p_adv=method_cfg.p_adv,
+                                            attack_steps=method_cfg.attack_steps)
+    warmup, images = (2, SMOKE_TRAIN_IMAGES) if smoke else (WARMUP_UPDATES, TRAIN_IMAGES)
+    return fap.TrainConfig(
+        task="detection",
+        train=fap.RunSection(name=f"{arm}_seed{seed}", seed=seed, epochs=epochs, batch_size=batch,
+                             eval_batch_size=20, eval_every=0),
+        data=DataConfig(source="demo-det", path=data, num_workers=0),
+        model=fap.ModelConfig(dual_norm=True),
+        detection=fap.DetectionSection(backbone="resnet18", min_size=96, max_size=96, flip_prob=0.5,
+                                       corrupt_path=corrupt),
+        method=method_cfg,
+        optim=fap.OptimConfig(opt="adamw", lr=3e-4, lr_base_size=0, weight_decay=0.05, no_decay_norm_bias=False),
+        sched=fap.ScheduleConfig(sched="multistep" if milestones else "constant", milestones=tuple(milestones),
+                                 decay_rate=0.1, warmup_epochs=min(warmup / (images // batch), epochs / 2),
+                                 warmup_lr=3e-4 * 0.001),
+        checkpoint=fap.CheckpointConfig(every_epochs=1, keep=1, resume="auto"),
+        log=fap.LogConfig(output_dir=os.path.join(out, f"{arm}_seed{seed}"), trackers=(), progress=False),
     )
 
 
-# Settings that do not change what a run computes (how often it saves, whether it resumed).
-NOT_RESULTS = ("checkpoint_every_epochs", "checkpoint_keep", "resume")
+# Sections that do not change what a run computes (how often it saves, where it logs, whether it resumed).
+NOT_RESULTS = ("checkpoint", "log", "resolved")
 
 
-def finished(cfg: DetectionConfig) -> Optional[Dict]:
+def finished(cfg: fap.TrainConfig) -> Optional[Dict]:
     """The summary of a run of exactly ``cfg`` that already finished in its output directory, else None."""
-    summary, log = (os.path.join(cfg.output_dir, n) for n in ("summary.json", "log.jsonl"))
-    if not (os.path.isfile(summary) and os.path.isfile(log)):
+    summary, made = (os.path.join(cfg.output_dir, n) for n in ("summary.json", "config.json"))
+    if not (os.path.isfile(summary) and os.path.isfile(made)):
         return None
-    with open(log) as f:
-        made = json.loads(f.readline())
-    now = json.loads(json.dumps(asdict(cfg)))
-    if any(made.get(k) != v for k, v in now.items() if k not in NOT_RESULTS):
+    with open(made) as f:
+        made_cfg = json.load(f)
+    now = to_dict(cfg)
+    if any(made_cfg.get(k) != v for k, v in now.items() if k not in NOT_RESULTS):
         return None
     with open(summary) as f:
         return json.load(f)
+
+
+def scores(summary: Dict) -> Dict:
+    """Clean mAP (last evaluation) and corrupted mAP (the final suite) of a run's summary."""
+    return {"map": summary["map"], "map_corrupted": summary.get("final_eval", {}).get("map_corrupted")}
 
 
 # (a, b): a − b. Against vanilla: what the method changes; against the null: what the adversarial images change.
@@ -117,7 +148,7 @@ def main(argv: List[str]) -> int:
     p.add_argument("--severities", default="1,2,3,4,5", help="severities of the corrupted copy (default: all)")
     p.add_argument("--smoke", action="store_true", help="tiny data, one epoch, 3 corruptions at severity 1")
     args = p.parse_args(argv)
-    size = dict(train_images=20, val_images=6) if args.smoke else {}
+    size = dict(train_images=SMOKE_TRAIN_IMAGES, val_images=6) if args.smoke else {}
     data = make_demo_det(args.data + ("-smoke" if args.smoke else ""), **size)
     corrupt = make_corrupted(os.path.join(data, "val"), data + ("-c-smoke" if args.smoke else "-c"),
                              corruptions=CORRUPTIONS[:3] if args.smoke else CORRUPTIONS,
@@ -127,7 +158,7 @@ def main(argv: List[str]) -> int:
     for seed in args.seeds:
         for arm in args.arms:
             cfg = config(arm, seed, data, corrupt, args.out, smoke=args.smoke)
-            results[arm].append(finished(cfg) or train_detection(cfg))
+            results[arm].append(scores(finished(cfg) or fap.train(cfg)))
     text = table(results)
     print(text)
     os.makedirs(args.out, exist_ok=True)

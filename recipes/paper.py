@@ -6,15 +6,15 @@
         recipes/paper.py table4/p_adv_0.33 --data.path=/data/imagenet   # train one row
     python recipes/paper.py table6/mixup_fast_advprop --smoke --data.source=demo --data.path=data/demo
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes 4 \\
-        recipes/paper.py table7/fast_advprop --data_path=coco --corrupt_path=coco-c   # Table 7: detection
+        recipes/paper.py table7/fast_advprop --data.path=coco --detection.corrupt_path=coco-c   # Table 7
 
 A classification row is the paper's ResNet-50 recipe (`recipes/resnet50.py`: SGD, LR 0.1 per
 256 clean images, 105 vanilla epochs with milestones [30, 60, 90, 100], mean = std = 0.5, 64
 clean images per GPU on 4 GPUs) with the switches that make that row, written below as plain
 data. The usual ``--section.key=value`` overrides apply on top (``--help`` lists them), and
 ``--smoke`` trains two updates on tiny images. Table 7's two rows are the detection recipe
-(`recipes/retinanet_r50.py`, its ``--key=value`` overrides; no ``--smoke``) at Table 7's
-24-epoch budget. Then ``fap eval runs/paper_<row>/export --suite ... --compare <row>`` puts
+(`recipes/retinanet_r50.py`, the same overrides and ``--smoke``) at Table 7's 24-epoch budget.
+Then ``fap eval runs/paper_<row>/export --suite ... --compare <row>`` puts
 the evaluation beside what the paper reports for the row (`fap.evaluation.paper`: every
 number as printed, and which ones the paper does not give).
 
@@ -225,26 +225,18 @@ def config(row: Row) -> fap.TrainConfig:
     )
 
 
-def detection_config(row: Row):
-    """A Table 7 row: `recipes/retinanet_r50.py`'s config for the row's method, at Table 7's
-    24 epochs (the detection run divides them by 1 + p_adv*K for Fast AdvProp: 20).
-
-    The one place this recipe knows the detection recipe's config type (today
-    `fap.detection.train.DetectionConfig`, whose ``budget_matched`` does the division)."""
-    epochs, milestones = row.schedule
-    return dataclasses.replace(retinanet_r50.config(row.method), epochs=epochs, milestones=tuple(milestones),
-                               budget_matched=True, output_dir="runs/paper_" + row.name.replace("/", "_"))
+def detection_config(row: Row) -> fap.TrainConfig:
+    """A Table 7 row: `recipes/retinanet_r50.py`'s config for the row's method, which is Table 7's
+    24 vanilla epochs, divided by 1 + p_adv*K for Fast AdvProp (20)."""
+    cfg = retinanet_r50.config(row.method)
+    name = "paper_" + row.name.replace("/", "_")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=name),
+                               log=dataclasses.replace(cfg.log, output_dir=f"runs/{name}"))
 
 
-def detection_cost(cfg) -> Tuple[StepCost, int, float]:
-    """A Table 7 config's `Method.cost` per update, its epochs after budget matching, and the
-    run's cost relative to its vanilla epochs."""
-    from fap.detection.train import build_method as build_detection_method, schedule
-
-    method = build_detection_method(cfg)
-    cost = method.cost(cfg.batch_size)
-    epochs = schedule(cfg, method)[0]
-    return cost, epochs, cost.ratio * epochs / cfg.epochs
+def row_config(row: Row) -> fap.TrainConfig:
+    """The row's config, classification or detection."""
+    return detection_config(row) if row.detection else config(row)
 
 
 SMOKE_CLEAN_BATCH = 16
@@ -276,11 +268,8 @@ def _num(value: Optional[float]) -> str:
 
 def _line(row: Row) -> Tuple[str, ...]:
     """One ``--list`` line: the row, its counted budget and the paper's numbers."""
-    if row.detection:
-        cost, epochs, run = detection_cost(detection_config(row))
-    else:
-        cfg = config(row)
-        (cost, run), epochs = counted_cost(cfg), cfg.train.epochs
+    cfg = row_config(row)
+    (cost, run), epochs = counted_cost(cfg), cfg.train.epochs
     p = row.paper
     numbers = ("",) * 6 if p is None else (_num(p.top1), _num(p.imagenet_c), _num(p.imagenet_r), _num(p.stylized),
                                            _num(p.map), _num(p.map_corrupted))
@@ -323,18 +312,10 @@ def _paper_line(row: Row) -> str:
 def dry_run(name: Optional[str], argv: List[str]) -> int:
     """``ROW --dry-run [overrides]``: print the resolved config, the counted cost and the paper's row."""
     row = row_named(name)
-    if row.detection:
-        from fap.detection.train import parse_overrides
-
-        cfg = parse_overrides(detection_config(row), argv)
-        cost, epochs, run = detection_cost(cfg)
-        print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        batch, vanilla_epochs = cfg.batch_size, cfg.epochs
-    else:
-        cfg = parse_args(config(row), argv, smoke=smoke)
-        (cost, run), epochs = counted_cost(cfg), cfg.train.epochs
-        print(json.dumps(to_dict(cfg), indent=1))
-        batch, vanilla_epochs = cfg.train.batch_size, cfg.train.reference_epochs or cfg.train.epochs
+    cfg = parse_args(row_config(row), argv, smoke=retinanet_r50.smoke if row.detection else smoke)
+    (cost, run), epochs = counted_cost(cfg), cfg.train.epochs
+    print(json.dumps(to_dict(cfg), indent=1))
+    batch, vanilla_epochs = cfg.train.batch_size, cfg.train.reference_epochs or cfg.train.epochs
     print(f"cost: {cost.image_passes} image-passes per update on a loader batch of {batch} vs "
           f"{cost.vanilla} vanilla = {cost.ratio:.3f}x per step; over the run {epochs} epochs vs "
           f"{vanilla_epochs} vanilla = {run:.3f}x")
@@ -353,9 +334,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "--dry-run" in rest:
         return run_main(lambda args: dry_run(name, args), [a for a in rest if a != "--dry-run"], prog=prog)
     if name is not None and name.startswith("table7/"):
-        from fap.detection.train import main as train_detection_cli
-
-        return train_detection_cli(detection_config(row_named(name)), rest)
+        return fap.train_cli(lambda _method: detection_config(row_named(name)), rest, smoke=retinanet_r50.smoke,
+                             prog=prog)
     return fap.train_cli(lambda _method: config(row_named(name)), rest, smoke=smoke, prog=prog)
 
 

@@ -1,4 +1,4 @@
-"""``python tests/fault_runner.py --section.key=value ...``: `fap.engine.main` with one fault injected.
+"""``python tests/fault_runner.py --section.key=value ...``: `python -m fap.engine` (`fap.engine.__main__.main`) with one fault injected.
 
 The fault comes from the environment variable ``FAP_FAULT`` (unset: no fault), so that
 the faults live in the tests, not in the library:
@@ -68,7 +68,7 @@ def install(fault: str) -> None:
     elif kind == "nan":
         import torch
 
-        import fap.methods.base as fa   # the task's loss calls fap.methods.base.ce_sum at call time
+        import fap.tasks as fa   # the classification task's loss calls fap.tasks.ce_sum at call time
 
         step, branch = int(args[0]), args[1]
         order = ("clean", "noisy", "adversarial")
@@ -108,6 +108,6 @@ def install(fault: str) -> None:
 if __name__ == "__main__":
     if os.environ.get("FAP_FAULT"):
         install(os.environ["FAP_FAULT"])
-    from fap.engine import main
+    from fap.engine.__main__ import main
 
     sys.exit(main(sys.argv[1:]))

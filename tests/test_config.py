@@ -136,7 +136,8 @@ def test_help_lists_every_key(capsys):
     assert describe(TrainConfig()) in out
     # Closed choices are listed, from the Literal annotations.
     assert "--method.random_init_per='sample'    (one of 'sample', 'batch')" in out
-    assert "--data.source='folder'    (one of 'folder', 'hf', 'ffcv', 'demo')" in out
+    assert "--data.source='folder'    (one of 'folder', 'hf', 'ffcv', 'demo', 'coco', 'demo-det')" in out
+    assert "--task='classification'" in out and "--detection.backbone='resnet50'" in out
     assert "--final_eval.interpolation=None    (one of 'bilinear'" in out
 
 

@@ -91,7 +91,7 @@ def test_a_run_on_hf_data_without_datasets_is_a_one_line_error(tmp_path):
     """Through the command line: exit status 2 and one line, not a traceback."""
     folder = make_image_folder(tmp_path / "folder", classes=2, train_per_class=2, val_per_class=1)
     proc = _python("""
-        from fap.engine import main
+        from fap.engine.__main__ import main
         sys.exit(main(sys.argv[1:]))
     """, "--data.source=hf", f"--data.path={folder}", "--train.epochs=1", f"--log.output_dir={tmp_path / 'run'}",
                    "--log.trackers=")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fap.config import to_dict
+from fap.config import method_name, to_dict
 from helpers_engine import ACCELERATE, REPO, run
 
 sys.path.insert(0, str(REPO / "recipes"))  # recipes/paper.py imports recipes/resnet50.py beside it
@@ -148,10 +148,12 @@ def test_every_row_builds_and_costs_what_the_paper_says(name):
 def test_table7_rows_are_the_detection_recipe_at_24_epochs(name):
     row = paper.row_named(name)
     cfg = paper.detection_config(row)
-    cost, epochs, run = paper.detection_cost(cfg)
-    assert (cfg.epochs, cfg.milestones, cfg.method, cfg.backbone) == (24, (16, 22), row.method, "resnet50")
+    (cost, run), epochs = paper.counted_cost(cfg), cfg.train.epochs
+    assert (cfg.task, cfg.train.reference_epochs, method_name(cfg.method), cfg.detection.backbone) == \
+        ("detection", 24, row.method, "resnet50")
+    assert cfg.sched.milestones == ((16, 22) if row.method == "vanilla" else (13, 18))
     assert (epochs, cost.ratio, run) == pytest.approx((row.paper.epochs, row.paper.cost, row.paper.budget), abs=0.01)
-    assert cfg.output_dir == "runs/paper_" + name.replace("/", "_")
+    assert cfg.log.output_dir == "runs/paper_" + name.replace("/", "_")
     with pytest.raises(ValueError, match="detection row"):
         paper.config(row)
 
@@ -272,9 +274,10 @@ def test_list_dry_run_and_a_wrong_row(capsys):
         assert "table6/mixup_fast_advprop" in err[0] and "--list" in err[0], err
     assert paper.main(["table1/vanilla", "--dry-run", "--method.p_adv=0.3"]) == 2
     assert "unknown key 'p_adv' in --method.p_adv: method 'vanilla'" in capsys.readouterr().err
-    assert paper.main(["table7/fast_advprop", "--dry-run", "--lr=0.02"]) == 0
+    assert paper.main(["table7/fast_advprop", "--dry-run", "--optim.lr=0.02"]) == 0
     out = capsys.readouterr().out
-    assert '"lr": 0.02' in out and '"epochs": 24' in out and "over the run 20 epochs vs 24 vanilla = 1.000x" in out
+    assert '"lr": 0.02' in out and '"reference_epochs": 24' in out
+    assert "over the run 20 epochs vs 24 vanilla = 1.000x" in out
     assert "mAP 35.8, corrupted mAP 19.0" in out
     assert paper.main(["fap/reuse_105_epochs", "--dry-run"]) == 0
     assert "fap's own step, not a row of the paper" in capsys.readouterr().out
@@ -377,9 +380,10 @@ def test_table7_row_trains_by_name_and_compares(tmp_path, capsys):
     corrupt = make_corrupted(f"{data}/val", str(tmp_path / "demo-c"), corruptions=["brightness"], severities=[1],
                              num_workers=0, progress=False)
     out = tmp_path / "run"
-    toy = [f"--data_path={data}", "--backbone=resnet18", "--min_size=48", "--max_size=48", "--epochs=1",
-           "--milestones=()", "--batch_size=5", "--warmup_iters=1", "--eval_batch_size=3", "--num_workers=0",
-           f"--output_dir={out}", "--method.shuffle=False"]
+    toy = [f"--data.path={data}", "--data.source=coco", "--detection.backbone=resnet18", "--detection.min_size=48",
+           "--detection.max_size=48", "--train.epochs=1", "--sched.milestones=", "--train.batch_size=5",
+           "--sched.warmup_epochs=0", "--train.eval_batch_size=3", "--data.num_workers=0", f"--log.output_dir={out}",
+           "--log.trackers=", "--method.shuffle=False"]
     assert paper.main(["table7/fast_advprop", *toy]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["method"], summary["epochs"], summary["cost_ratio_per_step"]) == ("fast_advprop", 1, 1.2)

@@ -14,7 +14,7 @@ needs ``num_classes = max id + 1``). Crowd annotations are kept out of training 
 (as torchvision's references do) but stay in the evaluation ground truth.
 :func:`detection_collate` pads a batch to its largest height and width (zeros at the
 bottom and right, so boxes keep their coordinates) and gathers the targets in a
-`fap.tasks.DetectionTargets`.
+`DetectionTargets` (what `fap.tasks.DetectionTask` reads).
 
 Layout: ``fap data demo-det`` writes ``DIR/<split>/images/*.jpg`` and
 ``DIR/annotations/instances_<split>.json`` (:func:`split_paths`), which is also what
@@ -28,7 +28,7 @@ import contextlib
 import io
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -183,10 +183,47 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, {"boxes": boxes, "labels": labels, "image_id": int(info["id"])}
 
 
+class DetectionTargets:
+    """One target dict per image, indexed like a batch.
+
+    Supports what the methods and the engine do to labels: ``len``, ``t[:n]``, ``t[n:]``,
+    ``t[perm]`` (a LongTensor), ``t.to(device)`` and ``shape[0]``.
+    """
+
+    def __init__(self, targets: Sequence[Dict[str, torch.Tensor]]):
+        self.targets: List[Dict] = list(targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def shape(self) -> Tuple[int]:
+        return (len(self.targets),)
+
+    def __getitem__(self, index: Union[slice, torch.Tensor, Sequence[int]]) -> "DetectionTargets":
+        if isinstance(index, slice):
+            return DetectionTargets(self.targets[index])
+        if isinstance(index, torch.Tensor):
+            index = index.tolist()
+        return DetectionTargets([self.targets[int(i)] for i in index])
+
+    def to(self, device, non_blocking: bool = False) -> "DetectionTargets":
+        return DetectionTargets([{k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v)
+                                  for k, v in t.items()} for t in self.targets])
+
+    def contiguous(self) -> "DetectionTargets":
+        return self
+
+    def clone(self) -> "DetectionTargets":
+        return DetectionTargets([{k: (v.clone() if torch.is_tensor(v) else v) for k, v in t.items()}
+                                 for t in self.targets])
+
+    def __repr__(self) -> str:
+        return f"DetectionTargets({len(self)} images, {sum(len(t['boxes']) for t in self.targets)} boxes)"
+
+
 def detection_collate(batch: List[Tuple[torch.Tensor, Dict]]):
     """``(uint8 images (B, 3, H_max, W_max) zero-padded at bottom/right, DetectionTargets)``."""
-    from fap.tasks import DetectionTargets
-
     h = max(img.shape[-2] for img, _ in batch)
     w = max(img.shape[-1] for img, _ in batch)
     images = torch.zeros((len(batch), 3, h, w), dtype=torch.uint8)

@@ -12,9 +12,11 @@ from typing import Literal, Optional
 
 from fap.checks import ConfigError, check_choices
 
-__all__ = ["DataConfig", "SOURCES", "INTERPOLATIONS", "Source", "Interpolation"]
+__all__ = ["DataConfig", "SOURCES", "DETECTION_SOURCES", "INTERPOLATIONS", "Source", "Interpolation"]
 
-Source = Literal["folder", "hf", "ffcv", "demo"]
+Source = Literal["folder", "hf", "ffcv", "demo", "coco", "demo-det"]
+# The sources of a detection run (``task="detection"``): boxes, not class folders.
+DETECTION_SOURCES = ("coco", "demo-det")
 # Modes timm's str_to_interp_mode / str_to_pil_interp accept ("random" picks per image when training).
 Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random"]
 SOURCES = typing.get_args(Source)
@@ -31,7 +33,10 @@ class DataConfig:
         source: ``"folder"`` (ImageNet layout: ``path/<split>/<class>/*.jpg``), ``"hf"``
             (an HF ``datasets`` directory: ``save_to_disk`` output, parquet/arrow files with
             ``image`` and ``label`` columns, or an image folder), ``"ffcv"`` (``path/<split>.beton``)
-            or ``"demo"`` (the generated demo set at ``path``, made on first use).
+            or ``"demo"`` (the generated demo set at ``path``, made on first use). For a
+            detection run (``task="detection"``): ``"coco"`` (``path/<split>/images`` and
+            ``path/annotations/instances_<split>.json``, `fap.data.coco`) or ``"demo-det"``
+            (the demo detection set in that layout at ``path``, made on first use).
         path: the dataset root, see ``source``.
         train_split: name of the training split (a folder, HF split or ``.beton`` stem).
         val_split: name of the validation split.

@@ -10,6 +10,10 @@ corruptions of the ``imagecorruptions`` package, which Michaelis et al., 2019, m
 detection, at severities 1-5): per corruption the mean over its severities, and
 ``map_corrupted`` = the mean over the corruptions, i.e. Michaelis et al.'s mPC, which is
 what Table 7's "mAP corrupted (15 types)" column reports.
+
+`evaluate_cli` is ``fap eval`` of a detection export or run (`fap.evaluate` dispatches here
+when the ``task`` recorded in its ``config.json`` is ``detection``); `load_detector` reads
+such an export back as a plain torchvision RetinaNet.
 """
 from __future__ import annotations
 
@@ -17,15 +21,18 @@ import contextlib
 import io
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from fap.data.base import DataNotFoundError, to_unit_float
 from fap.data.coco import CocoDetection, detection_collate
+from fap.checks import ConfigError
 from fap.norm import route
 
-__all__ = ["coco_map", "corrupted_map", "detections_to_coco", "summarize_coco"]
+__all__ = ["coco_map", "corrupted_map", "detections_to_coco", "summarize_coco", "load_detector", "write_results",
+           "evaluate_cli"]
 
 _STATS = ("map", "map50", "map75", "map_small", "map_medium", "map_large")
 
@@ -115,3 +122,70 @@ def corrupted_map(model: torch.nn.Module, corrupt_root: str, clean: CocoDetectio
         out[f"map/{c}"] = sum(out[f"map/{c}/{s}"] for s in severities) / len(severities)
     out["map_corrupted"] = sum(out[f"map/{c}"] for c in corruptions) / len(corruptions)
     return out
+
+
+def write_results(results: Dict[str, float], out_dir: Path) -> Path:
+    """``results.json`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    return out_dir / "results.json"
+
+
+def _export_dir(path: str) -> Path:
+    p = Path(path)
+    for d in (p, p / "export"):
+        if (d / "config.json").is_file():
+            try:
+                recorded = json.loads((d / "config.json").read_text())
+            except ValueError:
+                break
+            if recorded.get("task") == "detection" and "arch" in recorded:  # a run's own config.json has no arch
+                return d
+    raise ConfigError(f"{path}: not a detection export (no config.json with task 'detection', nor an export/ "
+                      "holding one)")
+
+
+def load_detector(path: str):
+    """A `fap.detection.model.Detector` (plain norms) from a detection export or run directory."""
+    from safetensors.torch import load_file
+
+    from fap.detection.model import Detector, plain_retinanet
+
+    d = _export_dir(path)
+    arch = json.loads((d / "config.json").read_text())["arch"]
+    net = plain_retinanet(arch["num_classes"], backbone=arch["backbone"], min_size=arch["min_size"],
+                          max_size=arch["max_size"])
+    net.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+    return Detector(net, arch)
+
+
+def evaluate_cli(args: Any) -> int:
+    """``fap eval RUN_OR_EXPORT --suite clean [c=CORRUPT_DIR] --data DIR`` for a detector."""
+    from fap.data.coco import dataset_for
+    from fap.evaluation.paper import compare, paper_result
+    from fap.evaluation.report import paper_lines
+
+    compare_row = getattr(args, "compare", None)
+    if compare_row:  # an unknown row, or a classification one, fails before any evaluation
+        try:
+            paper_result(compare_row, task="detection")
+        except ConfigError as e:
+            raise ConfigError(f"--compare {compare_row}: {e}") from None
+    if not args.data:
+        raise ConfigError("a detection eval scores the validation split's annotations: give --data DIR")
+    corrupt = [s.split("=", 1)[1] for s in args.suite if s.startswith("c=")]
+    if "clean" not in args.suite and not corrupt:
+        raise ConfigError(f"--suite {' '.join(args.suite)}: a detector is scored on 'clean' and/or c=CORRUPT_DIR")
+    model = load_detector(args.model)
+    val_set = dataset_for(args.data, args.val_split)
+    results = coco_map(model, val_set, batch_size=args.batch_size)
+    if corrupt:
+        results.update(corrupted_map(model, corrupt[0], val_set, batch_size=args.batch_size))
+    if compare_row:
+        results["paper"] = compare(results, compare_row)
+    write_results(results, Path(args.out or f"eval-{Path(args.model).name}"))
+    print(" | ".join(f"{k} {v:.2f}" for k, v in results.items() if k in ("map", "map50", "map_corrupted")))
+    if compare_row:
+        print("\n" + "\n".join(paper_lines(results["paper"])))
+    return 0

@@ -11,28 +11,18 @@ decides how it runs on the hardware and everything around it. Its parts, in read
   coalesced, DeepSpeed per backward): where the exactness invariants live;
 * `fap.engine.distributed`: the Accelerator, DeepSpeed checks, BN statistics, full weights;
 * `fap.engine.log`: the JSON-lines log, trackers, progress bar, banner and summary;
-* `fap.engine.state`: the method's random streams, stop signals, the run's exceptions.
+* `fap.engine.state`: the method's random streams, stop signals, the run's exceptions;
+* `fap.engine.__main__`: ``python -m fap.engine --section.key=value ...`` (the command line
+  is the top floor: nothing in the engine imports `fap.cli`).
+
+What differs between tasks (data, model, headline evaluation, export, final suite) is the
+task object's (`fap.tasks`, chosen by ``cfg.task``); the engine never names a task.
 """
 from __future__ import annotations
-
-from typing import List, Optional
 
 from fap.engine.loop import train
 from fap.engine.setup import RESUME_MAY_CHANGE
 from fap.engine.state import MethodRNG, NonFiniteLossError, Preempted
 
-__all__ = ["train", "main", "MethodRNG", "NonFiniteLossError", "Preempted", "RESUME_MAY_CHANGE"]
+__all__ = ["train", "MethodRNG", "NonFiniteLossError", "Preempted", "RESUME_MAY_CHANGE"]
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m fap.engine --section.key=value ...``: train from the default config plus overrides.
-
-    Recipes (``recipes/*.py``) are the usual entry point; this runs any config without one,
-    e.g. ``accelerate launch -m fap.engine --data.source=demo --data.path=data/demo``. A
-    mistake in the config, data or checkpoint is one or two lines and exit status 2
-    (`fap.cli.train_cli`; ``--debug`` shows the traceback).
-    """
-    from fap.cli import train_cli
-    from fap.config import TrainConfig
-
-    return train_cli(TrainConfig(), argv, prog="python -m fap.engine")

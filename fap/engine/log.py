@@ -24,6 +24,7 @@ class Window:
 
     def __init__(self, branches: Sequence[str], device):
         self.branches, self.device = tuple(branches), device
+        self.accuracy = False  # whether the task reports hits (every process runs the same task)
         self.reset()
 
     def reset(self) -> None:
@@ -36,7 +37,9 @@ class Window:
             if not n:
                 continue
             self.values[3 * i] += metrics[f"loss_{branch}"].detach().double() * n
-            self.values[3 * i + 1] += metrics[f"correct_{branch}"].detach().double()
+            if f"correct_{branch}" in metrics:  # a classifier's hits; a detector has none
+                self.values[3 * i + 1] += metrics[f"correct_{branch}"].detach().double()
+                self.accuracy = True
             self.values[3 * i + 2] += n
 
     def summary(self, accelerator) -> Dict[str, float]:
@@ -47,7 +50,8 @@ class Window:
             n = values[3 * i + 2]
             if n:
                 out[f"loss_{branch}"] = values[3 * i] / n
-                out[f"acc_{branch}"] = 100.0 * values[3 * i + 1] / n
+                if self.accuracy:
+                    out[f"acc_{branch}"] = 100.0 * values[3 * i + 1] / n
         return out
 
 
@@ -55,9 +59,11 @@ def flat_config(d: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """``{"section.key": value}`` with values trackers accept (lists as JSON, None as "None")."""
     out = {}
     for section, values in d.items():
+        if not isinstance(values, dict):  # the config's one top-level entry, ``task``
+            values, section = {section: values}, ""
         for k, v in values.items():
             plain = isinstance(v, (int, float, str, bool))
-            out[f"{section}.{k}"] = "None" if v is None else v if plain else json.dumps(v)
+            out[f"{section}.{k}" if section else k] = "None" if v is None else v if plain else json.dumps(v)
     return out
 
 
@@ -188,8 +194,10 @@ def format_summary(s: Dict[str, Any]) -> str:
     lines = [
         "=" * 72,
         f"fap summary: {s['method']} on {s['processes']} process(es), {s['precision']}",
-        f"  top-1 {pct(s['top1'])}  top-5 {pct(s['top5'])}  best top-1 {pct(s['best_top1'])}"
-        + (f"  EMA top-1 {pct(s['ema_top1'])}" if s.get("ema_top1") is not None else ""),
+        (f"  mAP {pct(s['map'])}  mAP50 {pct(s.get('map50'))}  best mAP {pct(s.get('best_map'))}"
+         + (f"  EMA mAP {pct(s['ema_map'])}" if s.get("ema_map") is not None else "")) if "map" in s else
+        (f"  top-1 {pct(s['top1'])}  top-5 {pct(s['top5'])}  best top-1 {pct(s['best_top1'])}"
+         + (f"  EMA top-1 {pct(s['ema_top1'])}" if s.get("ema_top1") is not None else "")),
         f"  steps {s['steps']}  images {s['images_seen']}  wall {s['train_seconds']:.1f}s  "
         f"{s['images_per_s']:.1f} images/s",
         f"  cost: {s['image_passes_per_step']} image-passes per step vs {s['vanilla_image_passes_per_step']} vanilla "

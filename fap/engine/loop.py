@@ -2,30 +2,27 @@
 
 One loop for vanilla, AdvProp and Fast AdvProp (Mei et al., ICLR 2022): what an update
 computes is the method's (`fap.methods`), how its gradients are reduced is
-`fap.engine.step`'s, and this module only orders updates, evaluations (main norms, over all
-processes, duplicates of uneven sharding removed: `fap.evaluation.loop.score_loader`),
-checkpoints (`fap.checkpoint`), the exported timm model and the cost summary. The engine
-never imports `fap.attacks`: it knows nothing about adversarial examples.
+`fap.engine.step`'s, and this module only orders updates, evaluations, checkpoints
+(`fap.checkpoint`), the export and the cost summary. What the evaluations, the final suite
+and the export are is the task's (`fap.tasks`: top-1 or COCO mAP, a timm or a torchvision
+export). The engine never imports `fap.attacks`: it knows nothing about adversarial examples.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from fap.checkpoint import TrainState, export_timm, list_checkpoints, prune_checkpoints, save_checkpoint
+from fap.checkpoint import TrainState, list_checkpoints, prune_checkpoints, save_checkpoint
 from fap.config import CheckpointConfig, RunSection, TrainConfig, to_dict
 from fap.engine.distributed import average_bn_stats, full_state_dict
 from fap.engine.log import RunLog
 from fap.engine.setup import Run, build_run, resume
 from fap.engine.state import NonFiniteLossError, Preempted, StopSignals
-from fap.evaluation.loop import score_loader
-from fap.norm import route
 
-__all__ = ["train", "train_one_epoch", "end_of_epoch", "epoch_cadence", "evaluate_main"]
+__all__ = ["train", "train_one_epoch", "end_of_epoch", "epoch_cadence", "evaluate_run"]
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
@@ -35,8 +32,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     from a plain ``python`` script for one process.
 
     Returns:
-        The run summary (also written to ``<output_dir>/summary.json``): final and best
-        top-1/top-5, cost per step and its ratio to vanilla, wall time, images/s, paths.
+        The run summary (also written to ``<output_dir>/summary.json``): the task's final and
+        best headline metric (top-1/top-5, or COCO mAP), cost per step and its ratio to
+        vanilla, wall time, images/s, paths.
 
     Raises:
         Preempted: SIGTERM or SIGUSR1 arrived (``checkpoint.on_signal``); a checkpoint of
@@ -82,7 +80,7 @@ def open_log(run: Run) -> RunLog:
     t = cfg.train
     fsdp2 = run.marker["distributed_type"] == "FSDP2"
     log.print(
-        f"fap: {run.method.name} | {cfg.model.name} | {run.world} process(es), "
+        f"fap: {run.method.name} | {run.task.model_name(cfg)} | {run.world} process(es), "
         f"{'FSDP2' if fsdp2 else run.accelerator.distributed_type.value}"
         + (f" ZeRO-{run.zero_stage}" if run.zero_stage else "")
         + f", {run.precision} | batch {t.batch_size} ({run.micro}/process x {t.accum_steps} accum) | "
@@ -249,86 +247,47 @@ def save(run: Run, log: RunLog, reason: str) -> Path:
 # ------------------------------------------------------------------------------------
 
 def evaluate_run(run: Run, log: RunLog) -> Dict[str, Any]:
-    """Evaluate the model (and its EMA) on the validation split; log and print the result."""
+    """Evaluate the model (and its EMA) with the task's headline evaluation; log and print it."""
+    task, cfg = run.task, run.cfg
     with log.paused("eval"):
         average_bn_stats(run.unwrapped, run.world)
-        result: Dict[str, Any] = evaluate_main(run.accelerator, run.unwrapped, run.eval_loader,
-                                               prepared=run.prepared_eval, channels_last=run.cfg.train.channels_last)
+        result: Dict[str, Any] = task.evaluate(run.accelerator, run.unwrapped, run.eval_loader, cfg,
+                                               prepared=run.prepared_eval)
         if run.ema is not None:
             average_bn_stats(run.ema.module, run.world)
-            ema = evaluate_main(run.accelerator, run.ema.module, run.eval_loader, prepared=run.prepared_eval,
-                                channels_last=run.cfg.train.channels_last)
+            ema = task.evaluate(run.accelerator, run.ema.module, run.eval_loader, cfg, prepared=run.prepared_eval)
             result.update({f"ema_{k}": v for k, v in ema.items() if k != "count"})
-    run.state.best_top1 = max(run.state.best_top1, result["top1"], result.get("ema_top1", 0.0))
+    # TrainState.best_top1 holds the best headline metric (top-1, or mAP for a detector)
+    run.state.best_top1 = max(run.state.best_top1, result[task.headline], result.get(f"ema_{task.headline}", 0.0))
     result["step"] = run.state.step
     log.write({"type": "eval", "epoch": run.state.epoch, **result})
-    log.print(f"epoch {run.state.epoch}: top1 {result['top1']:.2f} top5 {result['top5']:.2f}"
-              + (f" | EMA top1 {result['ema_top1']:.2f}" if "ema_top1" in result else ""))
+    log.print(f"epoch {run.state.epoch}: {task.describe(result)}")
     return result
 
 
-def _forward(model: torch.nn.Module, channels_last: bool, x: torch.Tensor) -> torch.Tensor:
-    return model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-
-
-@torch.no_grad()
-def evaluate_main(accelerator, model: torch.nn.Module, loader, *, prepared: bool = True,
-                  channels_last: bool = False) -> Dict[str, float]:
-    """Top-1 / top-5 (percent) and mean loss through the **main** norms, over all processes.
-
-    Args:
-        accelerator: the run's Accelerator.
-        model: the unwrapped model (or an EMA copy); put in eval mode and back.
-        loader: evaluation batches of ``(uint8 images, labels)``.
-        prepared: Accelerate sharded the loader (else it is sharded already, like FFCV's).
-        channels_last: feed NHWC images.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with route(model, "main"):
-            counts = score_loader(accelerator, functools.partial(_forward, model, channels_last), loader,
-                                  prepared=prepared, loss=True)
-    finally:
-        model.train(was_training)
-    n = max(counts["images"], 1)
-    return {"top1": 100.0 * counts["top1"] / n, "top5": 100.0 * counts["top5"] / n,
-            "loss": counts["loss_sum"] / n, "count": int(counts["images"])}
-
-
 def final_eval(run: Run, log: RunLog) -> Dict[str, float]:
-    """Run ``cfg.final_eval`` (robustness sets, PGD) on the final weights; log and report it.
-
-    Returns the flat ``{"eval/<set>/<metric>": value}`` numbers, or {} when no set is named.
-    """
-    suite = run.cfg.final_eval
-    if not suite.requested():
+    """The task's final suite on the final weights (``final_eval`` for a classifier, the corrupted
+    mAP for a detector); logged and reported. Returns the flat numbers, or {} when none was asked for."""
+    flat, text = run.task.final_eval(run.accelerator, run.unwrapped, run.cfg, run.run_dir / "final_eval")
+    if not flat:
         return {}
-    from fap.data import class_names
-    from fap.evaluate import flatten, format_markdown, run_suite, write_report
-
-    results = run_suite(run.accelerator, run.unwrapped, suite, data=run.cfg.data, classes=class_names(run.cfg.data))
-    flat = flatten(results)
     log.write({"type": "final_eval", "step": run.state.step, **flat})
-    if run.accelerator.is_main_process:
-        write_report(results, str(run.run_dir / "final_eval"))
-    log.print(format_markdown(results))
+    log.print(text)
     return flat
 
 
 def export(run: Run) -> Dict[str, str]:
-    """The final weights (and EMA) as timm exports, aux norms stripped; paths by kind."""
+    """The final weights (and EMA) in the task's plain format, aux norms stripped; paths by kind."""
     if not run.cfg.checkpoint.export:
         return {}
     sd = full_state_dict(run.accelerator, run.model)
     ema_sd = run.ema.module.state_dict() if run.ema is not None else None
     exported = {}
     if run.accelerator.is_main_process:
-        d = to_dict(run.cfg)
-        kwargs = dict(model_cfg=d["model"], num_classes=run.num_classes, data_cfg=d["data"])
-        exported["model"] = str(export_timm(sd, run.run_dir / "export", **kwargs))
+        kwargs = dict(num_classes=run.num_classes)
+        exported["model"] = str(run.task.export(run.cfg, sd, run.run_dir / "export", **kwargs))
         if ema_sd is not None:
-            exported["ema"] = str(export_timm(ema_sd, run.run_dir / "export_ema", **kwargs))
+            exported["ema"] = str(run.task.export(run.cfg, ema_sd, run.run_dir / "export_ema", **kwargs))
     run.accelerator.wait_for_everyone()
     return exported
 
@@ -344,10 +303,18 @@ def summarize(run: Run, log: RunLog, last_eval: Dict[str, Any], *, train_seconds
     return {
         **info,
         "epochs": t.epochs, "epochs_run": epochs_run, "reference_epochs": reference_epochs, "steps": state.step,
-        "images_seen": state.images, "top1": last_eval.get("top1"), "top5": last_eval.get("top5"),
-        "ema_top1": last_eval.get("ema_top1"), "best_top1": state.best_top1,
+        "images_seen": state.images, **_headline(run.task.headline, last_eval, state.best_top1),
         "train_seconds": train_seconds, "eval_seconds": log.paused_seconds["eval"],
         "checkpoint_seconds": log.paused_seconds["checkpoint"], "images_per_s": images / max(train_seconds, 1e-9),
         "nonfinite_skipped": state.nonfinite_skipped, "output_dir": str(run.run_dir),
         **({"compile": run.compile_watch.summary()} if run.compile_watch and run.compile_watch.enabled else {}),
     }
+
+
+def _headline(headline: str, last_eval: Dict[str, Any], best: float) -> Dict[str, Any]:
+    """The last evaluation's numbers for the summary: top-1/top-5 (and EMA) or the COCO APs."""
+    if headline == "top1":
+        return {"top1": last_eval.get("top1"), "top5": last_eval.get("top5"), "ema_top1": last_eval.get("ema_top1"),
+                "best_top1": best}
+    keep = {k: v for k, v in last_eval.items() if k.startswith(("map", "ema_map")) or k == "count"}
+    return {"map": last_eval.get("map"), **keep, f"best_{headline}": best}

@@ -2,7 +2,7 @@
 
 Whatever can be checked before processes and DeepSpeed start is checked first (batch
 divisibility, the checkpoint to resume and its config, the DeepSpeed file). Then the
-Accelerator, data, model, method, a timm optimizer (no weight decay on norms and biases),
+Accelerator, the task's data and model (`fap.tasks`, picked by ``cfg.task``), the method, a timm optimizer (no weight decay on norms and biases),
 a timm schedule driven by the global update count (never ``prepare``-d, which would step it
 once per process), a timm ``ModelEmaV3``, the state saved with every checkpoint, and the
 update that matches the gradient-reduction path (`fap.engine.step`).
@@ -10,7 +10,6 @@ update that matches the gradient-reduction path (`fap.engine.step`).
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from fap.engine.state import MethodRNG
 from fap.engine.step import Update, make_update
 from fap.methods import build_method
 from fap.methods.base import Method, StepCost
-from fap.models import create_model
+from fap.tasks import Task, get_task
 
 __all__ = ["Run", "build_run", "resume", "RESUME_MAY_CHANGE"]
 
@@ -38,7 +37,7 @@ RESUME_MAY_CHANGE = (
     "train.name", "train.max_steps", "train.eval_every", "train.eval_batch_size", "train.nonfinite",
     "train.dist_timeout_s",
     "data.path", "data.num_workers", "data.skip_corrupt",
-    "checkpoint.", "log.", "final_eval.",
+    "checkpoint.", "log.", "final_eval.", "detection.corrupt_path", "detection.corrupt_severities",
 )
 
 
@@ -53,6 +52,7 @@ class Run:
     facts saved with every checkpoint.
     """
     cfg: TrainConfig
+    task: Task
     run_dir: Path
     accelerator: Any
     precision: str
@@ -114,6 +114,8 @@ def build_run(config: TrainConfig) -> Run:
     from accelerate.utils import DistributedType, set_seed
 
     cfg = validate(config)
+    task = get_task(cfg.task)
+    task.check_config(cfg)
     run_dir = Path(cfg.output_dir)
     world, micro = _batch_split(cfg)
     resume_from, resume_marker = _checked_resume(cfg, run_dir, world)
@@ -129,17 +131,17 @@ def build_run(config: TrainConfig) -> Run:
         raise ConfigError("train.nonfinite='skip' is not available under DeepSpeed (its engine applies the update "
                           "inside its own step); use train.nonfinite=stop, which stops before the update is saved")
     set_seed(cfg.train.seed)  # identical on every rank: the model's initial weights must match
-    build = functools.partial(_build_data, cfg, micro, world, accelerator.process_index)
-    train_loader, eval_loader, num_classes = main_process_first(accelerator, build)
+    build = functools.partial(task.build_data, cfg, micro=micro, world=world, rank=accelerator.process_index)
+    data = main_process_first(accelerator, build)
+    train_loader, eval_loader, num_classes = data.train, data.eval, data.num_classes
     warn_oversubscribed(accelerator, cfg.data.num_workers)
-    model = _build_model(cfg, num_classes)
-    method, cost = _build_method(cfg, model, micro, num_classes)
+    model = _build_model(cfg, task, num_classes)
+    method, cost = _build_method(cfg, task, model, micro, num_classes)
     fsdp2 = using_fsdp2() and not deepspeed
     if fsdp2:  # before the optimizer: fully_shard replaces the parameters by sharded ones
         model = shard_fsdp2(accelerator, model, precision)
     optimizer, lr = build_optimizer(cfg, model)
-    prepared = (isinstance(train_loader, torch.utils.data.DataLoader),
-                isinstance(eval_loader, torch.utils.data.DataLoader))
+    prepared = (data.prepare_train, data.prepare_eval)
     model, optimizer, train_loader, eval_loader = _prepare(accelerator, model, optimizer, train_loader, eval_loader,
                                                            prepared, fsdp2=fsdp2)
     updates_per_epoch = _updates_per_epoch(cfg, train_loader, micro)
@@ -149,13 +151,13 @@ def build_run(config: TrainConfig) -> Run:
     state, rng = TrainState(), MethodRNG(cfg.train.seed, accelerator.process_index, world)
     saved = {"state": state, "rng": rng, "scheduler": scheduler, "ema": ema}
     state_files = register_state(accelerator, {k: v for k, v in saved.items() if v is not None})
-    marker = {"config": to_dict(cfg), "num_classes": num_classes, "world_size": world,
+    marker = {"config": to_dict(cfg), "task": cfg.task, "num_classes": num_classes, "world_size": world,
               "distributed_type": "FSDP2" if fsdp2 else str(accelerator.distributed_type), "precision": precision,
               "zero_stage": zero_stage, "state_files": state_files}
     update = make_update(accelerator, model, optimizer, method, deepspeed=deepspeed,
                          accum_steps=cfg.train.accum_steps, channels_last=cfg.train.channels_last,
                          clip_grad=cfg.optim.clip_grad, restore_on_skip=cfg.train.nonfinite == "skip")
-    return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, precision=precision, world=world, micro=micro,
+    return Run(cfg=cfg, task=task, run_dir=run_dir, accelerator=accelerator, precision=precision, world=world, micro=micro,
                zero_stage=zero_stage, model=model, unwrapped=unwrapped, method=method, cost=cost,
                optimizer=optimizer, lr=lr, scheduler=scheduler, ema=ema, train_loader=train_loader,
                eval_loader=eval_loader, prepared_train=prepared[0], prepared_eval=prepared[1],
@@ -228,27 +230,10 @@ def check_resume_config(marker: Dict[str, Any], cfg: TrainConfig, path: Path, wo
                           "resume with the launch that wrote it, or start from `fap export` of it")
 
 
-def _build_data(cfg: TrainConfig, micro: int, world: int, rank: int):
-    import fap.data as fdata
-
+def _build_model(cfg: TrainConfig, task: Task, num_classes: int) -> torch.nn.Module:
+    """The task's model, then what the engine does to any model (memory format, compile)."""
     t = cfg.train
-    eval_micro = max(1, math.ceil((t.eval_batch_size or t.batch_size) / world))
-    shard = dict(seed=t.seed, num_processes=world, process_index=rank)
-    return (fdata.build_loader(cfg.data, "train", batch_size=micro, train=True, **shard),
-            fdata.build_loader(cfg.data, "val", batch_size=eval_micro, train=False, **shard),
-            cfg.model.num_classes or fdata.num_classes(cfg.data))
-
-
-def _build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    m, t = cfg.model, cfg.train
-    timm_kwargs = dict(m.kwargs)
-    if m.drop_path_rate:
-        timm_kwargs["drop_path_rate"] = m.drop_path_rate
-    try:
-        model = create_model(m.name, num_classes=num_classes, dual_norm=m.dual_norm, aux_group_size=m.aux_group_size,
-                             mean=m.mean, std=m.std, img_size=m.img_size, **timm_kwargs)
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from e
+    model = task.build_model(cfg, num_classes)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if t.compile:
@@ -256,8 +241,8 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     return model
 
 
-def _build_method(cfg: TrainConfig, model, micro: int, num_classes: int) -> Tuple[Method, StepCost]:
-    method = build_method(method_name(cfg.method), cfg.method, mixup_fn=build_mixup(cfg, num_classes))
+def _build_method(cfg: TrainConfig, task: Task, model, micro: int, num_classes: int) -> Tuple[Method, StepCost]:
+    method = build_method(method_name(cfg.method), cfg.method, mixup_fn=build_mixup(cfg, num_classes), task=task)
     try:
         method.check_setup(model, micro)
         return method, method.cost(micro)

@@ -1,5 +1,7 @@
-"""The pieces behind `fap.evaluate`: model loading, model-aligned folders, the gather-exact
-evaluation loop, the ImageNet-C metrics and the report. `fap.evaluate` is the entry point."""
+"""Evaluation as a library: the suite (`fap.evaluation.suite`: ``run_suite``, ``evaluate_model``),
+model loading, model-aligned folders, the gather-exact evaluation loop, the ImageNet-C metrics
+and the report. ``fap eval`` (`fap.evaluate`) is its command line; the training engine's
+final evaluation calls this package, never the command. Nothing here imports a training module."""
 from fap.evaluation.folders import ModelFolder, align_classes, imagenet_c_layout
 from fap.evaluation.loading import LoadedModel, WeightsError, load_model
 from fap.evaluation.metrics import ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, corruption_summary, topk_correct

@@ -1,6 +1,6 @@
 """`SuiteConfig`: which evaluation sets to score and how; the ``final_eval`` section of a run.
 
-Kept apart from `fap.evaluate` (the evaluation itself) so that `fap.config` can hold it
+Kept apart from `fap.evaluation.suite` (the evaluation itself) so that `fap.config` can hold it
 without importing the evaluation code. ``from fap.evaluate import SuiteConfig`` still works.
 """
 from __future__ import annotations

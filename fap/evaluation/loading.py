@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["LoadedModel", "WeightsError", "load_model", "wrap_module"]
+__all__ = ["LoadedModel", "WeightsError", "load_model", "recorded_task", "wrap_module"]
 
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
@@ -92,6 +92,31 @@ def load_model(path: str, *, model_name: Optional[str] = None, ema: bool = False
         f"{path}: not something fap eval reads; pass an export directory ({EXPORT_WEIGHTS} + {EXPORT_CONFIG}), "
         f"a checkpoint or run directory, or a .safetensors file"
     )
+
+
+def recorded_task(path: str) -> str:
+    """The task a run, export or checkpoint at ``path`` was trained for: ``"classification"`` or ``"detection"``.
+
+    Read from data, not guessed from the weights: an export's ``config.json`` (``task``), the
+    ``export/`` of a run directory, or the newest checkpoint's marker (``config.task``).
+    Anything that records no task (a timm export, a plain ``.safetensors`` file) is a classifier.
+    """
+    p = Path(os.path.expanduser(path))
+    for d in (p, p / "export"):
+        if (d / EXPORT_CONFIG).is_file():
+            try:
+                return str(_read_json(d / EXPORT_CONFIG).get("task") or "classification")
+            except (FileNotFoundError, ValueError):
+                return "classification"
+    if p.is_dir():
+        from fap.checkpoint import CheckpointError, read_marker, resolve_resume
+
+        try:
+            marker = read_marker(resolve_resume(str(p), p), check=False)
+        except CheckpointError:
+            return "classification"
+        return str((marker.get("config") or {}).get("task") or marker.get("task") or "classification")
+    return "classification"
 
 
 def wrap_module(module: nn.Module) -> nn.Module:

@@ -25,7 +25,7 @@ def branch_scores(run_dir: str, cfg, summary) -> Dict[str, float]:
     attack for every method, so the branches are compared like for like. A run without
     auxiliary norms (vanilla, ``norms`` shared/mixed) returns {}.
     """
-    from fap.evaluate import evaluate_model
+    from fap.evaluation.suite import evaluate_model
     from fap.evaluation.config import SuiteConfig
 
     if not cfg.model.dual_norm or getattr(cfg.method, "norms", "dual") != "dual":

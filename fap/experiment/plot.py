@@ -22,16 +22,16 @@ def plot_results(results, path: Path) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fap.experiment.report import _title, lower_is_better
+    from fap.experiment.metrics import lower_is_better, title
 
     metrics = results.metrics()
     contrasts = results.contrasts
     rows = 2 if contrasts else 1
     fig, axes = plt.subplots(rows, len(metrics), figsize=(4.2 * len(metrics), 3.6 * rows), squeeze=False)
     for j, metric in enumerate(metrics):
-        _arms_panel(axes[0][j], results, metric, _title(metric), lower_is_better(metric))
+        _arms_panel(axes[0][j], results, metric, title(metric), lower_is_better(metric))
         if contrasts:
-            _contrast_panel(axes[1][j], [c for c in contrasts if c["metric"] == metric], _title(metric))
+            _contrast_panel(axes[1][j], [c for c in contrasts if c["metric"] == metric], title(metric))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -13,12 +13,11 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from fap.experiment.metrics import title as _title
 from fap.experiment.plan import Plan
 from fap.experiment.stats import ALPHA, POWER, analyse, describe, paired
 
-__all__ = ["Results", "load_results", "LOWER_IS_BETTER"]
-
-LOWER_IS_BETTER = ("error", "mce", "loss")
+__all__ = ["Results", "load_results"]
 
 
 class Results:
@@ -190,15 +189,6 @@ def _p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
-TITLES = {"top1": "top-1 (%)", "top5": "top-5 (%)", "train_top1": "train top-1 (%)",
-          "corruption_error": "corruption error (%) ↓", "mce": "mCE ↓", "pgd_top1": "PGD top-1 (%)",
-          "map": "mAP", "map_corrupted": "corrupted mAP"}
-
-
-def _title(metric: str) -> str:
-    return TITLES.get(metric, metric)
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
@@ -211,7 +201,3 @@ def load_results(out: str) -> Results:
     """Read an experiment folder's ``results.json`` back as `Results`."""
     data = json.loads((Path(out) / "results.json").read_text())
     return Results(data["plan"], data["runs"])
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(word in metric for word in LOWER_IS_BETTER)

@@ -20,16 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-__all__ = ["main", "measure_run", "METRIC_ALIASES"]
+from fap.experiment.metrics import METRIC_ALIASES
 
-# Short names for the final evaluation's numbers, used in contrasts (``fast:vanilla:corruption_error``).
-METRIC_ALIASES = {
-    "corruption_error": "eval/imagenet_c/mean_error",
-    "mce": "eval/imagenet_c/mce",
-    "pgd_top1": "eval/adversarial/top1",
-    "rendition_top1": "eval/imagenet_r/top1",
-}
-SUMMARY_METRICS = ("top1", "top5", "ema_top1", "map", "map_50", "map_corrupted")
+__all__ = ["main", "measure_run"]
+
+SUMMARY_METRICS = ("top1", "top5", "ema_top1", "map", "map50", "map75", "ema_map")
 RUN_FACTS = ("epochs", "epochs_run", "reference_epochs", "steps", "batch_size", "image_passes_per_step",
              "cost_ratio_per_step", "cost_ratio_run", "train_seconds", "output_dir")
 
@@ -92,7 +87,7 @@ def measure_run(cfg, summary: Dict[str, Any], options: Dict[str, Any]) -> Dict[s
 
 def _score(weights: str, cfg, *, split: str, per_image: bool, images: int) -> Dict[str, Any]:
     """Clean top-1 of the exported weights on ``split`` (the run's eval transform)."""
-    from fap.evaluate import evaluate_model
+    from fap.evaluation.suite import evaluate_model
     from fap.evaluation.config import SuiteConfig
 
     suite = SuiteConfig(clean=True, per_image=per_image, clean_max_images=images,

@@ -19,12 +19,13 @@ from typing import Callable, ContextManager, Dict, Literal, Optional, Tuple, Uni
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fap.attacks import check_epsilon
 from fap.checks import ConfigError, check_choices, require
 from fap.norm import dual_norm_modules, ghost_groups_fit, has_dual_norm
-from fap.tasks import CLASSIFICATION, Task
+# The loss and metrics of classification are the task's (the task sits below the methods);
+# re-exported here for the code that has always imported them from this module.
+from fap.tasks import CLASSIFICATION, Task, branch_metrics, ce_sum, check_images, correct
 
 __all__ = [
     "Method",
@@ -53,25 +54,6 @@ adversarial training" baseline):
 * ``mixed``: one set of norms; clean and adversarial images are normalised together in
   one batch (the condition the disentangled-learning hypothesis says hurts).
 """
-
-
-def ce_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Per-sample cross-entropy, summed (never averaged: the methods normalise by counts).
-
-    ``targets`` are class indices, or soft targets (Mixup/CutMix) of shape (B, C).
-    """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # losses in fp32 at least; fp64 stays fp64
-    if targets.dim() == logits.dim():
-        return torch.sum(-targets.float() * F.log_softmax(logits, dim=-1))
-    return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
-
-
-def correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Number of top-1 hits (soft targets: against their arg-max)."""
-    if targets.dim() == logits.dim():
-        targets = targets.argmax(dim=-1)
-    return (logits.detach().argmax(dim=-1) == targets).sum()
 
 
 @dataclass(frozen=True)
@@ -278,21 +260,3 @@ class Method:
                 "whose clean part (1 - p_adv) * B is even"
             )
         return self.mixup_fn(x.clone(), y)
-
-
-def check_images(images: torch.Tensor, labels: torch.Tensor) -> None:
-    if images.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}; divide uint8 by 255")
-    if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-
-
-def branch_metrics(prefix: str, loss_sum: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> Dict:
-    n = logits.shape[0]
-    return {
-        f"loss_{prefix}": loss_sum.detach() / n,
-        f"correct_{prefix}": correct(logits, targets),
-        f"count_{prefix}": n,
-    }
