@@ -330,24 +330,22 @@ def test_retinanet_r50_smoke_trains_through_the_engine(tmp_path, monkeypatch):
     assert saved[:1] == [1] and (out / "tracking").is_dir() and "it/s" in proc.stderr + proc.stdout
 
 
-def test_demo_det_table_pairs_arms_by_seed():
+def test_demo_det_is_an_experiment_at_equal_compute(tmp_path):
     import importlib.util
 
+    from fap.experiment import make_plan
     from helpers_engine import REPO
 
     spec = importlib.util.spec_from_file_location("demo_det", REPO / "recipes" / "demo_det.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    runs = lambda *pairs: [{"map": a, "map_corrupted": b} for a, b in pairs]  # noqa: E731
-    text = recipe.table({"vanilla": runs((1.0, 0.5), (2.0, 0.7)), "fast_advprop": runs((1.5, 0.9), (2.2, 1.0)),
-                         "fast_advprop_eps0": runs((1.1, 0.4), (2.1, 0.6))})
-    assert "| vanilla | 1.50 ± 0.71 | 0.60 ± 0.14 | 1.00 / 0.50, 2.00 / 0.70 |" in text
-    assert "| fast_advprop − vanilla | 0.35 ± 0.21 | 0.35 ± 0.07 |" in text
-    assert "| fast_advprop − fast_advprop_eps0 | 0.25 ± 0.21 | 0.45 ± 0.07 |" in text
-    assert "paired" not in recipe.table({"vanilla": runs((1.0, 0.5)), "fast_advprop": runs((1.5, 0.9))})
-    cfg = recipe.config("fast_advprop", 1, "d", "c", "out")
-    assert cfg.task == "detection" and (cfg.train.epochs, cfg.sched.milestones) == (25, (17, 22))
-    assert recipe.config("vanilla", 1, "d", "c", "out").train.epochs == 30
+    plan = make_plan(recipe.config, recipe.ARMS, [0, 1], out=tmp_path, contrasts=recipe.CONTRASTS,
+                     overrides=["--data.path=d"])
+    fast, null, vanilla = (plan.run(a, 1).config for a in ("fast_advprop", "fast_advprop_eps0", "vanilla"))
+    assert fast.task == "detection" and (fast.train.epochs, fast.sched.milestones) == (25, (17, 22))
+    assert (vanilla.train.epochs, vanilla.sched.milestones, vanilla.train.batch_size) == (30, (20, 27), 8)
+    assert (fast.method.epsilon, null.method.epsilon, fast.train.batch_size) == (1.0, 0.0, 10)
+    assert [c.primary for c in recipe.CONTRASTS].count(True) == 2
 
 
 @pytest.mark.slow
@@ -357,7 +355,9 @@ def test_demo_det_recipe_smoke_reuses_finished_runs(tmp_path):
     cmd = [sys.executable, str(REPO / "recipes" / "demo_det.py"), "--smoke", "--seeds", "0",
            "--out", str(tmp_path / "out"), "--data", str(tmp_path / "demo-det")]
     proc = run(cmd, timeout=1800)
-    assert "| fast_advprop |" in proc.stdout and "| vanilla |" in proc.stdout
-    assert (tmp_path / "out" / "results.md").is_file()
+    assert "| fast_advprop |" in proc.stdout and "| vanilla |" in proc.stdout and "mAP" in proc.stdout
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "results.png").is_file()
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all({"map", "map_corrupted"} <= set(r["metrics"]) for r in data["runs"])
     again = run(cmd, timeout=600)  # every run finished: reused, nothing trains
-    assert "fap summary" not in again.stdout and again.stdout.strip().endswith(proc.stdout.strip().splitlines()[-1])
+    assert "fap summary" not in again.stdout and "| fast_advprop |" in again.stdout

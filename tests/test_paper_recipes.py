@@ -381,7 +381,7 @@ def test_table7_row_trains_by_name_and_compares(tmp_path, capsys):
                              num_workers=0, progress=False)
     out = tmp_path / "run"
     toy = [f"--data.path={data}", "--data.source=coco", "--detection.backbone=resnet18", "--detection.min_size=48",
-           "--detection.max_size=48", "--train.epochs=1", "--sched.milestones=", "--train.batch_size=5",
+           "--detection.max_size=48", "--train.epochs=1", "--sched.sched=constant", "--sched.milestones=", "--train.batch_size=5",
            "--sched.warmup_epochs=0", "--train.eval_batch_size=3", "--data.num_workers=0", f"--log.output_dir={out}",
            "--log.trackers=", "--method.shuffle=False"]
     assert paper.main(["table7/fast_advprop", *toy]) == 0

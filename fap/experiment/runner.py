@@ -128,8 +128,12 @@ def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Tu
     # a key the recorded config lacks (a field added to fap since) counts as its default, as on resume
     old = dict(old, config=to_dict(from_dict(old.get("config", {}))))
     out = []
-    for section in sorted(set(old.get("config", {})) | set(new["config"])):
-        a, b = old.get("config", {}).get(section, {}), new["config"].get(section, {})
+    for section in sorted(set(old["config"]) | set(new["config"])):
+        a, b = old["config"].get(section), new["config"].get(section)
+        if not (isinstance(a, dict) and isinstance(b, dict)):  # a top-level key (``task``)
+            if a != b:
+                out.append((section, (a, b)))
+            continue
         for key in sorted(set(a) | set(b)):
             name = f"{section}.{key}"
             if a.get(key) != b.get(key) and not name.startswith(IGNORED_KEYS):
