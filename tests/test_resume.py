@@ -114,3 +114,31 @@ def test_resume_on_another_number_of_processes_continues_the_same_run(tiny_folde
     assert worst < 1e-5, f"resumed on 1 process, the weights differ by {worst}"
     la, lb = _losses(two), _losses(one)
     assert sorted(lb) == [4, 5, 6] and all(abs(la[s] - lb[s]) < 1e-5 for s in lb)  # the same images
+
+
+@pytest.mark.distributed
+def test_two_process_batchnorm_mid_epoch_resume_is_bitwise(tiny_folder, tmp_path):
+    """2-process DDP, a BatchNorm ResNet, Fast AdvProp with the random start and the default
+    crops and flips: each process keeps its own BatchNorm statistics (DDP does not broadcast
+    them), so a checkpoint must hold every process's, and a mid-epoch resume on 2 processes
+    ends bitwise where the uninterrupted run ends (its export averages the statistics of both
+    processes at the last evaluation, so a process that resumed another's would show)."""
+    from helpers_engine import accelerate_cmd, clean_env
+
+    settings = {**EVERY, **RESNET_BN, "train.epochs": 2, "model.aux_group_size": 2,
+                "method.random_init_prob": 1.0}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+
+    def launch(out, **extra):
+        args = tiny_vit_overrides(tiny_folder, out, **settings, **extra)
+        return run(accelerate_cmd("-m", [], processes=2)[:-1] + ["-m", "fap.engine", *args], env=clean_env())
+
+    launch(straight)
+    ckpt = straight / "checkpoints" / "step_00000003"  # epoch 1, after its first update
+    assert sorted(p.name for p in ckpt.glob("process_buffers_*.safetensors")) == \
+        ["process_buffers_0.safetensors", "process_buffers_1.safetensors"]
+    proc = launch(resumed, **{"checkpoint.resume": str(ckpt)})
+    assert f"resumed from {ckpt}" in proc.stdout
+    a, b = load_export(straight), load_export(resumed)
+    differ = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert a.keys() == b.keys() and not differ, f"after a mid-epoch resume these differ: {differ[:6]}"

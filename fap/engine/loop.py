@@ -238,7 +238,7 @@ def save(run: Run, log: RunLog, reason: str) -> Path:
     """An atomic checkpoint of the run (`fap.checkpoint.save_checkpoint`), then pruning."""
     with log.paused("checkpoint"):
         path = save_checkpoint(run.accelerator, run.run_dir, run.state, {**run.marker, "reason": reason},
-                               sharded=run.sharded)
+                               sharded=run.sharded, buffers=run.per_process)
         prune_checkpoints(run.accelerator, run.run_dir, run.cfg.checkpoint.keep)
     log.write({"type": "checkpoint", "step": run.state.step, "epoch": run.state.epoch, "path": str(path)})
     return path

@@ -87,6 +87,12 @@ class Run:
         return (self.model, self.optimizer) if self.marker.get("distributed_type") == "FSDP2" else None
 
     @property
+    def per_process(self) -> Dict[str, torch.nn.Module]:
+        """The modules whose buffers (BatchNorm statistics) each process keeps, and each checkpoint
+        saves, per process: the model and its EMA."""
+        return {"model": self.unwrapped, **({"ema": self.ema.module} if self.ema is not None else {})}
+
+    @property
     def total_updates(self) -> int:
         t = self.cfg.train
         total = self.updates_per_epoch * t.epochs
@@ -170,14 +176,16 @@ def resume(run: Run) -> None:
     if run.resume_from is None:
         return
     # verified in build_run
-    load_checkpoint(run.accelerator, run.resume_from, marker=run.resume_marker, sharded=run.sharded)
+    load_checkpoint(run.accelerator, run.resume_from, marker=run.resume_marker, sharded=run.sharded,
+                    buffers=run.per_process)
     run.accelerator.print(f"resumed from {run.resume_from} (epoch {run.state.epoch}, step {run.state.step})")
     saved_world = int(run.resume_marker.get("world_size", run.world))
     if saved_world != run.world:
         run.accelerator.print(
             f"note: the checkpoint was written by {saved_world} processes, this run has {run.world}: the same "
-            "images in the same updates, but spread over other processes (other BatchNorm batches), and new "
-            "random streams for the method: not bitwise the run it resumes")
+            "images in the same updates, but spread over other processes (other BatchNorm batches; every "
+            "process starts from the first process's BatchNorm statistics), and new random streams for the "
+            "method: not bitwise the run it resumes")
 
 
 # ------------------------------------------------------------------------------------
