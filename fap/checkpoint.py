@@ -246,6 +246,9 @@ def safe_torch_load(path: os.PathLike, *, map_location: Any = "cpu", mmap: bool 
             "fap never unpickles code (torch.load weights_only=True). The file was not written by fap; replace the "
             "checkpoint, or resume from another one"
         ) from e
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path} vanished while it was being read: something else deleted it, such as "
+                              "another run pruning its checkpoints in that directory") from e
     except (OSError, EOFError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {e}); the checkpoint is damaged") from e
 
@@ -347,7 +350,11 @@ def load_checkpoint(accelerator, path: os.PathLike, *, marker: Optional[Dict[str
         accelerator.load_state(str(path))
         if sharded is not None:
             load_sharded(path, *sharded)
-    except (RuntimeError, KeyError, ValueError) as e:
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        if not (Path(path) / MARKER).is_file():
+            raise CheckpointError(f"{path} vanished while it was being loaded ({type(e).__name__}: {str(e)[:300]}): "
+                                  "something else deleted it, such as another run pruning its checkpoints in "
+                                  "that directory") from e
         raise CheckpointError(f"{path} does not fit this run's model or optimizer ({type(e).__name__}: "
                               f"{str(e)[:2000]})") from e
     if buffers and int(marker.get("world_size", 1)) == accelerator.num_processes:

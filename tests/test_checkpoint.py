@@ -111,6 +111,18 @@ SAVE_SCRIPT = textwrap.dedent("""
     state.step = 99
     acc.load_state(str(first))
     assert state.step == 1
+
+    # A checkpoint that vanishes once it was chosen (another run pruned it) is named as such,
+    # not as a checkpoint that does not fit the model (what Accelerate's ValueError suggested).
+    from fap.checkpoint import load_checkpoint, read_marker
+    import shutil
+    marker = read_marker(first)
+    shutil.rmtree(first)
+    try:
+        load_checkpoint(acc, first, marker=marker)
+        raise SystemExit("no error for a vanished checkpoint")
+    except CheckpointError as e:
+        assert "vanished while it was being loaded" in str(e) and "does not fit" not in str(e), e
     print("OK")
 """)
 

@@ -43,8 +43,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             the last update was saved first. It is a ``SystemExit`` with status 143.
         NonFiniteLossError: a NaN/Inf loss under ``train.nonfinite=stop``.
     """
-    with StopSignals() as signals:
-        run = build_run(config)
+    with StopSignals() as signals, contextlib.ExitStack() as held:
+        run = build_run(config, held=held)  # the run directory is locked until `held` closes
         resume(run)
         log = open_log(run)
         signals.install(run.cfg.checkpoint.on_signal)
