@@ -64,8 +64,8 @@ def test_resume_from_every_checkpoint_is_bitwise_identical(tiny_folder, tmp_path
 
 
 # One mid-epoch resume (step 3 of 6) per source and worker count; the default case above is
-# folder + 1 worker. FFCV recompiles its pipeline once per epoch (the epoch is a constant of
-# its seeded crop and flip), which makes those runs the slowest.
+# folder + 1 worker. FFCV compiles its pipeline (numba) once per loader, which makes those runs
+# the slowest.
 MATRIX = [
     pytest.param({"method": "vanilla", "data.num_workers": 0}, id="folder-w0-vanilla"),
     pytest.param({"data.num_workers": 2, "method.random_init_prob": 1.0}, id="folder-w2"),
