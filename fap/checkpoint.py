@@ -379,7 +379,7 @@ def save_process_buffers(path: os.PathLike, modules: Dict[str, torch.nn.Module],
     """Write this process's `process_buffers` of ``modules`` as ``path/process_buffers_<rank>.safetensors``."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().clone() for k, v in process_buffers(modules).items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in process_buffers(modules).items()}
     save_file(tensors, str(Path(path) / PROCESS_BUFFERS.format(rank=rank)))
 
 

@@ -20,7 +20,8 @@ twice. So a run takes the directory before it reads or writes anything there
 What the lock assumes of the filesystem: that ``flock`` excludes across the machines that see
 it. Local disks do; so does NFS (Linux emulates ``flock`` with NFS byte-range locks, NFSv4 or
 NFSv3 with ``lockd``; a crashed client's lock lasts until its lease ends, about 90 s), GPFS,
-and Lustre or BeeGFS mounted with global locks (Lustre ``-o flock``). Where ``flock`` is
+and Lustre or BeeGFS with global locks (Lustre ``-o flock``; not ``-o localflock``, whose
+locks hold on one node only and would let a run on another node in). Where ``flock`` is
 refused (Lustre ``-o noflock``, some FUSE filesystems), fap falls back to the record alone:
 a record of a live process on this host, or of any other host, is in use (its pid cannot be
 checked from here: delete ``fap.lock`` if that run is gone); a record of a dead process on
