@@ -21,12 +21,13 @@ and `FSDP2_OPTIMIZER` in the same directory, beside Accelerate's RNG states and
 registered objects, and come back into the same sharding on resume (`load_sharded`).
 `load_checkpoint_weights` consolidates `FSDP2_MODEL` in one process for ``fap export``.
 
-What each process keeps for itself goes in per process too. Accelerate (like DeepSpeed and
-``torch.distributed.checkpoint``) writes the model from the main process only, but the model's
-buffers -- BatchNorm running statistics, of the model and of its EMA -- are each process's own
-(DDP does not broadcast them: ``fap.engine.distributed``), so every process also writes its
-buffers to `PROCESS_BUFFERS` (``process_buffers_<rank>.safetensors``), and a resume on the same
-number of processes gives every process its own back (`save_process_buffers`,
+What each process keeps for itself goes in per process too. Accelerate's model file, DeepSpeed
+ZeRO-2's model states and FSDP2's distributed state dict hold one process's copy of the
+model's buffers (ZeRO-3 alone writes model states per process), but the buffers -- BatchNorm
+running statistics, of the model and of its EMA -- are each process's own (DDP does not
+broadcast them: ``fap.engine.distributed``), so every process also writes its buffers to
+`PROCESS_BUFFERS` (``process_buffers_<rank>.safetensors``), and a resume on the same number
+of processes gives every process its own back (`save_process_buffers`,
 `load_process_buffers`). On another number of processes every process keeps the main
 process's, from the model file.
 
