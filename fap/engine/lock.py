@@ -91,7 +91,7 @@ class RunDirLock:
 
         Raises:
             RunDirInUse: another live run holds it (named in the message).
-            ConfigError: the directory or its lock file cannot be created.
+            ConfigError: the directory or its lock file cannot be created, read or written.
         """
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -100,17 +100,21 @@ class RunDirLock:
             raise ConfigError(f"log.output_dir={str(self.run_dir)!r}: cannot create its lock file {LOCK_FILE} "
                               f"({e.strerror or e}); choose a writable directory") from e
         try:
-            previous = self._read(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise self._in_use(previous) from None
+                raise self._in_use(self._read(fd)) from None
             except OSError as e:
                 if e.errno not in _NO_FLOCK:
                     raise
-                self._check_record_only(previous)
+                self._check_record_only(self._read(fd))
+            previous = self._read(fd)  # read once the lock is ours: a record left by a run that did not release it
             self._write(fd, {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
                              "command": " ".join(sys.argv)[:500]})
+        except OSError as e:
+            os.close(fd)
+            raise ConfigError(f"log.output_dir={str(self.run_dir)!r}: cannot lock it through {self.path} "
+                              f"({e.strerror or e}); choose another directory") from e
         except BaseException:
             os.close(fd)
             raise
