@@ -15,7 +15,10 @@ horizontal flip, uint8 output) and the same number of workers:
 
 One untimed pass first (FFCV compiles its pipeline, DataLoaders start their workers),
 then ``--epochs`` timed passes; the best of ``--repeats`` such measurements is reported
-(the machine may be shared). Run::
+(the machine may be shared), with the median time from the start of an epoch to its first
+batch (an epoch's fixed cost, plus one batch). The last row is fap's FFCV loader as it was
+before it passed the augmentation key at run time: the same loader, made to generate its
+pipeline's code again at every epoch (FFCV's ``recompile=True``). Run::
 
     python benchmarks/loader_throughput.py --num-images 1000 --workers 2
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from typing import Callable, Dict, List, Tuple
 
@@ -31,20 +35,25 @@ import torch
 from fap.data import DataConfig, build_dataset, build_loader, make_demo
 
 
-def _images_per_second(make_loader: Callable, epochs: int, repeats: int) -> float:
+def _measure(make_loader: Callable, epochs: int, repeats: int) -> Tuple[float, float]:
+    """(best images/s over ``repeats`` runs of ``epochs`` epochs, median seconds from the start
+    of an epoch to its first batch: the epoch's fixed cost plus one batch)."""
     loader = make_loader()
     for _ in loader:  # warm-up: JIT, worker start-up, page cache
         pass
-    best = 0.0
+    best, starts = 0.0, []
     for _ in range(repeats):
         seen, start = 0, time.perf_counter()
         for epoch in range(epochs):
+            begin = time.perf_counter()
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch + 1)
-            for images, _ in loader:
+            for i, (images, _) in enumerate(loader):
+                if i == 0:
+                    starts.append(time.perf_counter() - begin)
                 seen += images.shape[0]
         best = max(best, seen / (time.perf_counter() - start))
-    return best
+    return best, statistics.median(starts)
 
 
 def _parquet_copy(root: str, out_dir: str) -> str:
@@ -77,16 +86,24 @@ def run_set(*, data_dir: str, image_size: int, crop: int, num_images: int, worke
             convert_to_betons(root, betons[mode], splits=("train",), write_mode=mode, jpeg_quality=90,
                               compress_probability=0.5, max_resolution=None, num_workers=workers)
 
-    def loader(source: str, path: str) -> Callable:
+    def loader(source: str, path: str, recompile: bool = False) -> Callable:
         cfg = DataConfig(source=source, path=path, image_size=crop, num_workers=workers)
-        return lambda: build_loader(cfg, "train", batch_size=batch_size, train=True)
+
+        def make():
+            made = build_loader(cfg, "train", batch_size=batch_size, train=True)
+            if recompile:  # what FFCVLoader did before #27: generate the pipeline's code again every epoch
+                made._loader.recompile = True
+            return made
+        return make
 
     return [
-        ("PIL + DataLoader", _images_per_second(loader("folder", root), epochs, repeats)),
-        ("HF datasets (parquet)", _images_per_second(loader("hf", parquet), epochs, repeats)),
-        ("FFCV (jpg)", _images_per_second(loader("ffcv", betons["jpg"]), epochs, repeats)),
-        ("FFCV (proportion 0.5)", _images_per_second(loader("ffcv", betons["proportion"]), epochs, repeats)),
-        ("FFCV (raw)", _images_per_second(loader("ffcv", betons["raw"]), epochs, repeats)),
+        ("PIL + DataLoader", _measure(loader("folder", root), epochs, repeats)),
+        ("HF datasets (parquet)", _measure(loader("hf", parquet), epochs, repeats)),
+        ("FFCV (jpg)", _measure(loader("ffcv", betons["jpg"]), epochs, repeats)),
+        ("FFCV (proportion 0.5)", _measure(loader("ffcv", betons["proportion"]), epochs, repeats)),
+        ("FFCV (raw)", _measure(loader("ffcv", betons["raw"]), epochs, repeats)),
+        ("FFCV (proportion 0.5), recompiled every epoch",
+         _measure(loader("ffcv", betons["proportion"], recompile=True), epochs, repeats)),
     ]
 
 
@@ -104,20 +121,21 @@ def main() -> None:
     torch.set_num_threads(1)  # decoding runs in the workers; keep the main process from competing
 
     sets = [("224 px", 256, 224), ("demo size", 48, 40)]
-    results: Dict[str, List[Tuple[str, float]]] = {}
+    results: Dict[str, List[Tuple[str, Tuple[float, float]]]] = {}
+    load_before = os.getloadavg()[0]
     for name, image_size, crop in sets:
         results[name] = run_set(data_dir=args.data_dir, image_size=image_size, crop=crop, num_images=args.num_images,
                                 workers=args.workers, batch_size=args.batch_size, epochs=args.epochs,
                                 repeats=args.repeats)
     print(f"\nloader throughput, {args.num_images} JPEGs per set, batch {args.batch_size}, {args.workers} workers, "
           f"RandomResizedCrop + flip, best of {args.repeats} x {args.epochs} epochs, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     for (name, image_size, crop), (_, rows) in zip(sets, results.items()):
-        base = rows[0][1]
+        base = rows[0][1][0]
         print(f"\n{name}: {image_size}x{image_size} JPEG (quality 90) -> {crop}x{crop} crops")
-        print(f"  {'loader':<24}{'images/s':>10}{'vs PIL':>10}")
-        for label, rate in rows:
-            print(f"  {label:<24}{rate:>10.0f}{rate / base:>9.2f}x")
+        print(f"  {'loader':<48}{'images/s':>10}{'vs PIL':>10}{'epoch start (ms)':>18}")
+        for label, (rate, first) in rows:
+            print(f"  {label:<48}{rate:>10.0f}{rate / base:>9.2f}x{1000 * first:>18.0f}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,16 @@ and `FSDP2_OPTIMIZER` in the same directory, beside Accelerate's RNG states and
 registered objects, and come back into the same sharding on resume (`load_sharded`).
 `load_checkpoint_weights` consolidates `FSDP2_MODEL` in one process for ``fap export``.
 
+What each process keeps for itself goes in per process too. Accelerate's model file, DeepSpeed
+ZeRO-2's model states and FSDP2's distributed state dict hold one process's copy of the
+model's buffers (ZeRO-3 alone writes model states per process), but the buffers -- BatchNorm
+running statistics, of the model and of its EMA -- are each process's own (DDP does not
+broadcast them: ``fap.engine.distributed``), so every process also writes its buffers to
+`PROCESS_BUFFERS` (``process_buffers_<rank>.safetensors``), and a resume on the same number
+of processes gives every process its own back (`save_process_buffers`,
+`load_process_buffers`). On another number of processes every process keeps the main
+process's, from the model file.
+
 Loading is safe: `verify_checkpoint` opens every pickle-based file of a checkpoint with
 ``torch.load(weights_only=True)`` (tensors, containers, numbers and the numpy RNG state,
 nothing else) *before* Accelerate or DeepSpeed touch it, so a crafted pickle is refused
@@ -72,6 +82,10 @@ __all__ = [
     "load_sharded",
     "FSDP2_MODEL",
     "FSDP2_OPTIMIZER",
+    "PROCESS_BUFFERS",
+    "process_buffers",
+    "save_process_buffers",
+    "load_process_buffers",
     "prune_checkpoints",
     "remove_partial",
     "export_timm",
@@ -81,6 +95,7 @@ __all__ = [
 ]
 
 MARKER = "fap_checkpoint.json"
+PROCESS_BUFFERS = "process_buffers_{rank}.safetensors"  # one per process: its own model buffers
 FORMAT = 1  # the layout of a checkpoint directory and its marker; bump on incompatible change
 _NAME = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
@@ -232,6 +247,9 @@ def safe_torch_load(path: os.PathLike, *, map_location: Any = "cpu", mmap: bool 
             "fap never unpickles code (torch.load weights_only=True). The file was not written by fap; replace the "
             "checkpoint, or resume from another one"
         ) from e
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path} vanished while it was being read: something else deleted it, such as "
+                              "another run pruning its checkpoints in that directory") from e
     except (OSError, EOFError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {e}); the checkpoint is damaged") from e
 
@@ -313,9 +331,11 @@ def register_state(accelerator, objects: Dict[str, Any]) -> Dict[str, str]:
 
 
 def load_checkpoint(accelerator, path: os.PathLike, *, marker: Optional[Dict[str, Any]] = None,
-                    sharded: Optional[Tuple[Any, Any]] = None) -> Dict[str, Any]:
+                    sharded: Optional[Tuple[Any, Any]] = None,
+                    buffers: Optional[Dict[str, torch.nn.Module]] = None) -> Dict[str, Any]:
     """`verify_checkpoint` (unless its ``marker`` is passed: already verified), then
-    ``accelerator.load_state``; return the marker.
+    ``accelerator.load_state``, then this process's own buffers of ``buffers`` when the
+    checkpoint was written by as many processes (`load_process_buffers`); return the marker.
 
     Raises:
         CheckpointError: the checkpoint is unsafe, damaged, incompatible, or its tensors do
@@ -331,10 +351,63 @@ def load_checkpoint(accelerator, path: os.PathLike, *, marker: Optional[Dict[str
         accelerator.load_state(str(path))
         if sharded is not None:
             load_sharded(path, *sharded)
-    except (RuntimeError, KeyError, ValueError) as e:
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        if not (Path(path) / MARKER).is_file():
+            raise CheckpointError(f"{path} vanished while it was being loaded ({type(e).__name__}: {str(e)[:300]}): "
+                                  "something else deleted it, such as another run pruning its checkpoints in "
+                                  "that directory") from e
         raise CheckpointError(f"{path} does not fit this run's model or optimizer ({type(e).__name__}: "
                               f"{str(e)[:2000]})") from e
+    if buffers and int(marker.get("world_size", 1)) == accelerator.num_processes:
+        load_process_buffers(path, buffers, accelerator.process_index)
     return marker
+
+
+def process_buffers(modules: Dict[str, torch.nn.Module]) -> Dict[str, torch.Tensor]:
+    """The persistent buffers of ``modules`` (BatchNorm running statistics and batch counts),
+    keyed ``<name>.<buffer>``: a model's state that is not a parameter, which no gradient
+    reduction keeps equal across processes."""
+    out: Dict[str, torch.Tensor] = {}
+    for prefix, module in modules.items():
+        for mod_name, mod in module.named_modules():
+            for b_name, buf in mod._buffers.items():
+                if buf is not None and b_name not in mod._non_persistent_buffers_set:
+                    out[".".join(p for p in (prefix, mod_name, b_name) if p)] = buf
+    return out
+
+
+def save_process_buffers(path: os.PathLike, modules: Dict[str, torch.nn.Module], rank: int) -> None:
+    """Write this process's `process_buffers` of ``modules`` as ``path/process_buffers_<rank>.safetensors``."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in process_buffers(modules).items()}
+    save_file(tensors, str(Path(path) / PROCESS_BUFFERS.format(rank=rank)))
+
+
+def load_process_buffers(path: os.PathLike, modules: Dict[str, torch.nn.Module], rank: int) -> bool:
+    """Copy this process's saved buffers into ``modules``; False when the checkpoint has none
+    (written before fap kept them per process: every process keeps the model file's).
+
+    Raises:
+        CheckpointError: the saved buffers are not those of ``modules`` (another model).
+    """
+    from safetensors.torch import load_file
+
+    file = Path(path) / PROCESS_BUFFERS.format(rank=rank)
+    if not file.is_file():
+        return False
+    saved, mine = load_file(str(file)), process_buffers(modules)
+    if saved.keys() != mine.keys():
+        missing, extra = sorted(mine.keys() - saved.keys()), sorted(saved.keys() - mine.keys())
+        raise CheckpointError(f"{file} does not fit this run's model (missing {missing[:3]}, unexpected "
+                              f"{extra[:3]}); resume with the config that wrote it")
+    with torch.no_grad():
+        for key, buf in mine.items():
+            if saved[key].shape != buf.shape:
+                raise CheckpointError(f"{file}: {key} has shape {tuple(saved[key].shape)}, this run's model "
+                                      f"{tuple(buf.shape)}; resume with the config that wrote it")
+            buf.copy_(saved[key])
+    return True
 
 
 FSDP2_MODEL, FSDP2_OPTIMIZER = "fsdp2_model", "fsdp2_optimizer"
@@ -471,7 +544,8 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker: Dict[str, Any], *,
-                    sharded: Optional[Tuple[Any, Any]] = None, resume_key: str = "checkpoint.resume") -> Path:
+                    sharded: Optional[Tuple[Any, Any]] = None, buffers: Optional[Dict[str, torch.nn.Module]] = None,
+                    resume_key: str = "checkpoint.resume") -> Path:
     """Save the Accelerate state as ``checkpoints/step_<state.step>``, atomically.
 
     Every process writes its part into a temporary directory and fsyncs it; after all
@@ -485,6 +559,7 @@ def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker
         state: the training counters (names the checkpoint by ``state.step``).
         marker: extra facts for the marker file (config, world size, ...).
         sharded: ``(model, optimizer)`` of an FSDP2 run, saved as distributed state dicts.
+        buffers: modules whose buffers every process saves as its own (`save_process_buffers`).
         resume_key: the caller's name for the resume setting (for the error).
 
     Returns:
@@ -524,14 +599,7 @@ def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker
     failed = _agree(accelerator, error)  # also the barrier before anyone writes
     if failed:
         raise fail(failed)
-    try:
-        accelerator.save_state(str(tmp))
-        if sharded is not None:
-            save_sharded(tmp, *sharded)
-        _fsync_tree(tmp)
-    except Exception as e:  # OSError, torch.save's RuntimeError, safetensors' own error type
-        error = e
-    failed = _agree(accelerator, error)
+    failed = _agree(accelerator, _write_parts(accelerator, tmp, sharded=sharded, buffers=buffers))
     if failed:
         raise fail(failed)
     if accelerator.is_main_process:
@@ -550,6 +618,21 @@ def save_checkpoint(accelerator, run_dir: os.PathLike, state: TrainState, marker
     if failed:
         raise fail(failed)
     return final
+
+
+def _write_parts(accelerator, tmp: Path, *, sharded: Optional[Tuple[Any, Any]],
+                 buffers: Optional[Dict[str, torch.nn.Module]]) -> Optional[BaseException]:
+    """This process's part of a checkpoint in ``tmp``, fsynced; the error, if writing failed."""
+    try:
+        accelerator.save_state(str(tmp))
+        if sharded is not None:
+            save_sharded(tmp, *sharded)
+        if buffers:
+            save_process_buffers(tmp, buffers, accelerator.process_index)
+        _fsync_tree(tmp)
+    except Exception as e:  # OSError, torch.save's RuntimeError, safetensors' own error type
+        return e
+    return None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -12,7 +12,9 @@ the faults live in the tests, not in the library:
   in optimizer update STEP (1-based, one micro-batch per update) is NaN;
 * ``disk_full:N`` - before the N-th save, fill the file system of ``$FAP_FAULT_FILL``
   (a small tmpfs the test mounted) until it has no space left;
-* ``read_only:N`` - before the N-th save, remount ``$FAP_FAULT_MOUNT`` read-only.
+* ``read_only:N`` - before the N-th save, remount ``$FAP_FAULT_MOUNT`` read-only;
+* ``pause_after_save:N`` - after the N-th save, sleep (a run that is still running, holding
+  its run directory, until the test kills it).
 """
 import os
 import shutil
@@ -100,6 +102,19 @@ def install(fault: str) -> None:
                 else:
                     subprocess.run(["mount", "-o", "remount,ro", os.environ["FAP_FAULT_MOUNT"]], check=True)
             return real(*a, **k)
+        engine.save_checkpoint = save_checkpoint
+    elif kind == "pause_after_save":
+        import time
+
+        import fap.engine.loop as engine
+
+        n, real = int(args[0]), engine.save_checkpoint
+
+        def save_checkpoint(*a, **k):
+            path = real(*a, **k)
+            if _nth(counts, "save", n):
+                time.sleep(600)
+            return path
         engine.save_checkpoint = save_checkpoint
     else:
         raise SystemExit(f"FAP_FAULT={fault!r}: unknown fault kind {kind!r}")

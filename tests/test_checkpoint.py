@@ -111,6 +111,18 @@ SAVE_SCRIPT = textwrap.dedent("""
     state.step = 99
     acc.load_state(str(first))
     assert state.step == 1
+
+    # A checkpoint that vanishes once it was chosen (another run pruned it) is named as such,
+    # not as a checkpoint that does not fit the model (what Accelerate's ValueError suggested).
+    from fap.checkpoint import load_checkpoint, read_marker
+    import shutil
+    marker = read_marker(first)
+    shutil.rmtree(first)
+    try:
+        load_checkpoint(acc, first, marker=marker)
+        raise SystemExit("no error for a vanished checkpoint")
+    except CheckpointError as e:
+        assert "vanished while it was being loaded" in str(e) and "does not fit" not in str(e), e
     print("OK")
 """)
 
@@ -152,3 +164,28 @@ def test_distributed_checkpoint_metadata_is_checked_before_it_is_unpickled(tmp_p
     with pytest.raises(CheckpointError, match="io.open"):
         check_dcp_metadata(crafted)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_process_buffers_round_trip_and_refuse_another_model(tmp_path):
+    """Each process's BatchNorm statistics (of the model and its EMA) go to their own file and
+    come back into that process's modules; another model's are refused by name."""
+    from fap.checkpoint import PROCESS_BUFFERS, load_process_buffers, process_buffers, save_process_buffers
+
+    def bn_model(channels=4):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, channels, 1), torch.nn.BatchNorm2d(channels))
+
+    model, ema = bn_model(), bn_model()
+    model.train()(torch.rand(2, 3, 5, 5))  # running statistics move away from their initial values
+    assert sorted(process_buffers({"model": model, "ema": ema})) == [
+        f"{m}.1.{b}" for m in ("ema", "model") for b in ("num_batches_tracked", "running_mean", "running_var")]
+    save_process_buffers(tmp_path, {"model": model, "ema": ema}, rank=1)
+    assert (tmp_path / PROCESS_BUFFERS.format(rank=1)).is_file()
+    fresh, fresh_ema = bn_model(), bn_model()
+    assert not load_process_buffers(tmp_path, {"model": fresh}, rank=0)  # no file for rank 0: nothing loaded
+    assert load_process_buffers(tmp_path, {"model": fresh, "ema": fresh_ema}, rank=1)
+    assert torch.equal(fresh[1].running_mean, model[1].running_mean) and int(fresh[1].num_batches_tracked) == 1
+    assert torch.equal(fresh[1].running_var, model[1].running_var)
+    with pytest.raises(CheckpointError, match=r"process_buffers_1\.safetensors does not fit this run's model"):
+        load_process_buffers(tmp_path, {"model": bn_model()}, rank=1)
+    with pytest.raises(CheckpointError, match=r"model\.1\.running_mean has shape \(4,\), this run's model \(8,\)"):
+        load_process_buffers(tmp_path, {"model": bn_model(8), "ema": bn_model(8)}, rank=1)

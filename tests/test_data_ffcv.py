@@ -213,7 +213,8 @@ def test_ffcv_is_imported_lazily_and_its_absence_explained(data_demo, monkeypatc
 def test_training_crops_and_flips_are_seeded_per_sample(data_indexed_beton):
     """FFCV's own crop and flip draw from numba's OS-seeded generator; fap's are seeded from
     (seed, epoch, index): the same images with 1 or 2 threads, after set_epoch (a resume), and
-    across processes' shards; other images in another epoch."""
+    across processes' shards; other images in another epoch, from the same compiled pipeline
+    (the epoch's key is filled into a buffer at run time, not compiled in)."""
     def images(loader, epoch):
         loader.set_epoch(epoch)
         out = {}
@@ -224,7 +225,11 @@ def test_training_crops_and_flips_are_seeded_per_sample(data_indexed_beton):
 
     kwargs = dict(batch_size=8, train=True, image_size=16, seed=11, scale=(0.08, 1.0), hflip=0.5)
     one = FFCVLoader(data_indexed_beton, num_workers=1, **kwargs)
+    compiled = one._loader.code
     epochs = [images(one, 0), images(one, 1)]
+    assert one._loader.code is compiled, "recompiled for another epoch: the keys must reach the code at run time"
+    back = images(one, 0)  # the same loader, back at epoch 0: epoch 0's key again
+    assert back.keys() == epochs[0].keys() and all(torch.equal(back[i], epochs[0][i]) for i in back)
     two = FFCVLoader(data_indexed_beton, num_workers=2, **kwargs)
     again = images(two, 1)  # a fresh loader started at epoch 1, as a resume does
     assert again.keys() == epochs[1].keys() and all(torch.equal(again[i], epochs[1][i]) for i in again)

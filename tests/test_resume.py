@@ -64,8 +64,8 @@ def test_resume_from_every_checkpoint_is_bitwise_identical(tiny_folder, tmp_path
 
 
 # One mid-epoch resume (step 3 of 6) per source and worker count; the default case above is
-# folder + 1 worker. FFCV recompiles its pipeline once per epoch (the epoch is a constant of
-# its seeded crop and flip), which makes those runs the slowest.
+# folder + 1 worker. FFCV compiles its pipeline (numba) once per loader, which makes those runs
+# the slowest.
 MATRIX = [
     pytest.param({"method": "vanilla", "data.num_workers": 0}, id="folder-w0-vanilla"),
     pytest.param({"data.num_workers": 2, "method.random_init_prob": 1.0}, id="folder-w2"),
@@ -114,3 +114,51 @@ def test_resume_on_another_number_of_processes_continues_the_same_run(tiny_folde
     assert worst < 1e-5, f"resumed on 1 process, the weights differ by {worst}"
     la, lb = _losses(two), _losses(one)
     assert sorted(lb) == [4, 5, 6] and all(abs(la[s] - lb[s]) < 1e-5 for s in lb)  # the same images
+
+
+def _deepspeed_json(tmp_path, stage):
+    """The shipped ZeRO config in fp32."""
+    import json
+
+    from helpers_engine import REPO
+
+    ds = json.loads((REPO / "accelerate_configs" / f"deepspeed_zero{stage}.json").read_text())
+    ds["bf16"] = {"enabled": False}
+    ds.pop("data_types", None)
+    path = tmp_path / f"zero{stage}.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["ddp", pytest.param("zero2", marks=pytest.mark.slow),
+                                     pytest.param("zero3", marks=pytest.mark.slow),
+                                     pytest.param("fsdp2", marks=pytest.mark.slow)])
+def test_two_process_batchnorm_mid_epoch_resume_is_bitwise(tiny_folder, tmp_path, backend):
+    """2 processes, a BatchNorm ResNet, Fast AdvProp with the random start and the default
+    crops and flips: each process keeps its own BatchNorm statistics (nothing broadcasts
+    them), so a checkpoint must hold every process's, and a mid-epoch resume on 2 processes
+    ends bitwise where the uninterrupted run ends (its export averages the statistics of both
+    processes at the last evaluation, so a process that resumed another's would show).
+    DDP in the default suite; ZeRO-2, ZeRO-3 and FSDP2 (fp32) in the slow one."""
+    from helpers_engine import accelerate_cmd, clean_env
+
+    settings = {**EVERY, **RESNET_BN, "train.epochs": 2, "model.aux_group_size": 2,
+                "method.random_init_prob": 1.0}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ds = _deepspeed_json(tmp_path, int(backend[-1])) if backend.startswith("zero") else None
+
+    def launch(out, **extra):
+        args = tiny_vit_overrides(tiny_folder, out, **settings, **extra)
+        cmd = accelerate_cmd("-m", [], processes=2, deepspeed_config=ds, fsdp2=backend == "fsdp2")
+        return run(cmd[:-1] + ["-m", "fap.engine", *args], env=clean_env())
+
+    launch(straight)
+    ckpt = straight / "checkpoints" / "step_00000003"  # epoch 1, after its first update
+    assert sorted(p.name for p in ckpt.glob("process_buffers_*.safetensors")) == \
+        ["process_buffers_0.safetensors", "process_buffers_1.safetensors"]
+    proc = launch(resumed, **{"checkpoint.resume": str(ckpt)})
+    assert f"resumed from {ckpt}" in proc.stdout
+    a, b = load_export(straight), load_export(resumed)
+    differ = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert a.keys() == b.keys() and not differ, f"after a mid-epoch resume these differ: {differ[:6]}"

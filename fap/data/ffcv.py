@@ -24,8 +24,9 @@ from the operating system, so no two runs see the same crops. fap's training pip
 the same crop and flip, seeded per sample from ``(seed, epoch, sample index)`` (see
 :func:`_seeded_ops_classes` and :mod:`fap.data.seeding`): a run is reproducible, whatever
 the number of FFCV threads, and a mid-epoch resume sees the very images the interrupted run
-would have. The pipeline is recompiled once per epoch for that (the epoch is a constant of
-the compiled code).
+would have. The epoch's key reaches the compiled code at run time, through a memory buffer
+that FFCV allocates for each epoch and fap fills (:func:`_seeded_loader_class`), so the
+pipeline is compiled once per loader.
 
 FFCV is optional and imported only when used; it needs system libraries to build.
 """
@@ -372,6 +373,9 @@ def _sample_seed(key, index):
     return np.uint32(z & np.uint64(0xFFFFFFFF))
 
 
+_KEY = np.dtype("<u4")  # an augmentation key: one 32-bit word per seeded operation and epoch
+
+
 def _seeded_ops_classes():
     """FFCV's RandomResizedCrop decoder and horizontal flip, seeded per sample.
 
@@ -380,30 +384,54 @@ def _seeded_ops_classes():
     cannot be reproduced, not even by the same run again. These two draw exactly what FFCV's
     do (the crop is FFCV's ``get_random_crop``), but first seed numba's generator, in the
     thread that handles the sample, from ``(key, sample index)``; ``key`` comes from
-    ``(seed, epoch)`` (:func:`fap.data.seeding.epoch_key`). A compiled pipeline holds its key as
-    a constant, so :class:`FFCVLoader` recompiles it when the epoch changes (FFCV's
-    ``recompile`` does the same every epoch).
+    ``(seed, epoch, salt)`` (:func:`fap.data.seeding.epoch_key`).
+
+    The key reaches the compiled code at run time, so the pipeline is compiled once per
+    loader: each operation declares one more memory buffer (an ``AllocationQuery`` of one
+    32-bit word per sample slot, appended to the memory FFCV's operation declares), which FFCV
+    allocates for every epoch's ``EpochIterator`` and passes to the compiled code with the
+    operation's other buffers; :class:`FFCVLoader`'s loader fills it with the epoch's key
+    before the iterator's thread starts (``_seeded_loader_class``).
     """
+    return _seeded_crop_class(), _seeded_flip_class()
+
+
+def _key_query():
+    """The key buffer a seeded operation adds to its memory: one 32-bit word per sample slot."""
+    from ffcv.pipeline.allocation_query import AllocationQuery
+
+    return AllocationQuery((1,), _KEY)
+
+
+def _seeded_crop_class():
+    """`_seeded_ops_classes`' crop (FFCV is imported only here, when it is used)."""
     from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.compiler import Compiler
-    from ffcv.transforms import RandomHorizontalFlip
 
     class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
-        """``RandomResizedCropRGBImageDecoder`` whose crop of sample ``i`` depends on ``(key, i)`` only."""
+        """``RandomResizedCropRGBImageDecoder`` whose crop of sample ``i`` depends on ``(key, i)`` only.
 
-        key = 0
+        Its memory is FFCV's ``(destination, temp_storage)`` plus the key buffer.
+        """
+
+        salt = 0
+
+        def declare_state_and_memory(self, previous_state):
+            state, memory = super().declare_state_and_memory(previous_state)
+            return state, (*memory, _key_query())
 
         def generate_code(self):
             # ffcv/fields/rgb_image.py: ResizedCropRGBImageDecoder.generate_code, plus the seeding
-            jpg, key = IMAGE_MODES["jpg"], np.uint32(self.key)
+            jpg = IMAGE_MODES["jpg"]
             mem_read, my_range = self.memory_read, Compiler.get_iterator()
             imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
             get_crop_c, seed_c = Compiler.compile(get_random_crop), Compiler.compile(_sample_seed)
             scale, ratio = np.array(self.scale), np.array(self.ratio)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp_storage = my_storage
+                destination, temp_storage, key_storage = my_storage
+                key = key_storage[0, 0]
                 for dst_ix in my_range(len(batch_indices)):
                     source_ix = batch_indices[dst_ix]
                     field = metadata[source_ix]
@@ -423,16 +451,33 @@ def _seeded_ops_classes():
             decode.is_parallel = True
             return decode
 
-    class SeededHorizontalFlip(RandomHorizontalFlip):
-        """``RandomHorizontalFlip`` whose coin for sample ``i`` depends on ``(key, i)`` only."""
+    return SeededRandomResizedCrop
 
-        key = 0
+
+def _seeded_flip_class():
+    """`_seeded_ops_classes`' flip."""
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.transforms import RandomHorizontalFlip
+
+    class SeededHorizontalFlip(RandomHorizontalFlip):
+        """``RandomHorizontalFlip`` whose coin for sample ``i`` depends on ``(key, i)`` only.
+
+        Its memory is FFCV's destination plus the key buffer.
+        """
+
+        salt = 1
+
+        def declare_state_and_memory(self, previous_state):
+            state, memory = super().declare_state_and_memory(previous_state)
+            return state, (memory, _key_query())
 
         def generate_code(self):
             my_range, seed_c = Compiler.get_iterator(), Compiler.compile(_sample_seed)
-            flip_prob, key = self.flip_prob, np.uint32(self.key)
+            flip_prob = self.flip_prob
 
-            def flip(images, dst, indices):
+            def flip(images, memory, indices):
+                dst, key_storage = memory
+                key = key_storage[0, 0]
                 for i in my_range(images.shape[0]):
                     np.random.seed(seed_c(key, indices[i]))
                     if np.random.random() < flip_prob:
@@ -445,7 +490,58 @@ def _seeded_ops_classes():
             flip.with_indices = True
             return flip
 
-    return SeededRandomResizedCrop, SeededHorizontalFlip
+    return SeededHorizontalFlip
+
+
+def _seeded_loader_class():
+    """FFCV's ``Loader`` whose every epoch's iterator carries that epoch's augmentation keys.
+
+    ``Loader.__iter__`` is FFCV's (ffcv/loader/loader.py) except that it knows the epoch it
+    starts and hands its keys to the iterator; the iterator writes them into the seeded
+    operations' key buffers after FFCV allocated the epoch's memory and before its thread runs
+    the pipeline (``start``). The compiled code is FFCV's, generated once at construction.
+    """
+    from ffcv.loader import Loader
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+
+    from fap.data.seeding import epoch_key
+
+    class SeededEpochIterator(EpochIterator):
+        def __init__(self, loader, order, keys: Dict[int, int]):
+            self.keys = keys  # node id -> key; read by start(), which EpochIterator.__init__ calls last
+            super().__init__(loader, order)
+
+        def start(self):
+            for node_id, key in self.keys.items():
+                self.memory_allocations["operation"][node_id][-1][...] = key  # the key buffer is the last
+            super().start()
+
+    class SeededLoader(Loader):
+        def __init__(self, *args, key_seed: int, **kwargs):
+            self.key_seed = key_seed
+            super().__init__(*args, **kwargs)
+
+        def epoch_keys(self, epoch: int) -> Dict[int, int]:
+            """The key of every seeded operation of the pipelines, by graph node, for ``epoch``."""
+            keys = {}
+            for node_id, node in self.graph.id_to_node.items():
+                op = getattr(node, "operation", None) or getattr(node, "decoder", None)
+                if getattr(op, "salt", None) is not None:
+                    keys[node_id] = epoch_key(self.key_seed, epoch, op.salt)
+            return keys
+
+        def __iter__(self):
+            Compiler.set_num_threads(self.num_workers)
+            epoch = self.next_epoch
+            order = self.next_traversal_order()
+            selected_order = order[:len(self) * self.batch_size]
+            self.next_epoch += 1
+            if self.code is None or self.recompile:
+                self.generate_code()
+            return SeededEpochIterator(self, selected_order, self.epoch_keys(epoch))
+
+    return SeededLoader
 
 
 class FFCVLoader:
@@ -497,8 +593,6 @@ class FFCVLoader:
         reader = _read_fields(path)
         if num_classes is not None:
             check_beton_labels(path, num_classes)
-        from ffcv.loader import Loader
-
         self.path = path
         self.batch_size = batch_size
         self.train = train
@@ -507,13 +601,11 @@ class FFCVLoader:
         self.process_index = process_index
         self.seed = seed
         order = _sharded_order_class()(num_replicas=num_processes, rank=process_index, shuffle=train, seed=seed)
-        self._random_ops: list = []  # the seeded crop and flip, whose keys follow the epoch
         pipelines = self._pipelines(reader, train=train, image_size=image_size, crop_pct=crop_pct,
                                     scale=tuple(scale), hflip=hflip)
-        self._code_epoch = 0
-        self._set_keys(0)
-        self._loader = Loader(  # compiles the pipelines, for epoch 0
+        self._loader = _seeded_loader_class()(  # compiles the pipelines, once
             path,
+            key_seed=seed,
             batch_size=batch_size,
             num_workers=max(1, num_workers),
             order=order,
@@ -534,7 +626,6 @@ class FFCVLoader:
             image = [crop_op(size, scale=scale, ratio=(3 / 4, 4 / 3))]
             if hflip > 0:
                 image.append(flip_op(flip_prob=hflip))
-            self._random_ops = list(image)
         else:
             image = [CenterCropRGBImageDecoder(size, ratio=crop_pct)]
         pipelines: Dict[str, Optional[list]] = {name: None for name in reader.handlers}  # other fields: off
@@ -545,22 +636,8 @@ class FFCVLoader:
     # -- the loader interface the engine uses -------------------------------------------
 
     def __iter__(self):
-        self._compile_for(self._loader.next_epoch)
         for images, labels in self._loader:
             yield images, labels
-
-    def _set_keys(self, epoch: int) -> None:
-        from fap.data.seeding import epoch_key
-
-        for salt, op in enumerate(self._random_ops):
-            op.key = epoch_key(self.seed, epoch, salt)
-
-    def _compile_for(self, epoch: int) -> None:
-        """Recompile the pipelines with epoch ``epoch``'s augmentation keys, if they hold another's."""
-        if self._random_ops and epoch != self._code_epoch:
-            self._set_keys(epoch)
-            self._loader.generate_code()
-            self._code_epoch = epoch
 
     def __len__(self) -> int:
         return len(self._loader)

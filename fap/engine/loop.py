@@ -41,8 +41,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             the last update was saved first. It is a ``SystemExit`` with status 143.
         NonFiniteLossError: a NaN/Inf loss under ``train.nonfinite=stop``.
     """
-    with StopSignals() as signals:
-        run = build_run(config)
+    with StopSignals() as signals, contextlib.ExitStack() as held:
+        run = build_run(config, held=held)  # the run directory is locked until `held` closes
         resume(run)
         log = open_log(run)
         signals.install(run.cfg.checkpoint.on_signal)
@@ -236,7 +236,7 @@ def save(run: Run, log: RunLog, reason: str) -> Path:
     """An atomic checkpoint of the run (`fap.checkpoint.save_checkpoint`), then pruning."""
     with log.paused("checkpoint"):
         path = save_checkpoint(run.accelerator, run.run_dir, run.state, {**run.marker, "reason": reason},
-                               sharded=run.sharded)
+                               sharded=run.sharded, buffers=run.per_process)
         prune_checkpoints(run.accelerator, run.run_dir, run.cfg.checkpoint.keep)
     log.write({"type": "checkpoint", "step": run.state.step, "epoch": run.state.epoch, "path": str(path)})
     return path

@@ -1,14 +1,17 @@
 """Set-up of a run: everything `fap.engine.loop.train` needs, built from the config into one `Run`.
 
 Whatever can be checked before processes and DeepSpeed start is checked first (batch
-divisibility, the checkpoint to resume and its config, the DeepSpeed file). Then the
-Accelerator, the task's data and model (`fap.tasks`, picked by ``cfg.task``), the method, a timm optimizer (no weight decay on norms and biases),
-a timm schedule driven by the global update count (never ``prepare``-d, which would step it
-once per process), a timm ``ModelEmaV3``, the state saved with every checkpoint, and the
-update that matches the gradient-reduction path (`fap.engine.step`).
+divisibility, the DeepSpeed file). Then the Accelerator, the run directory's lock (one
+writer per directory: `fap.engine.lock`), the checkpoint to resume and its config, the
+task's data and model (`fap.tasks`, picked by ``cfg.task``), the method, a timm optimizer
+(no weight decay on norms and biases), a timm schedule driven by the global update count
+(never ``prepare``-d, which would step it once per process), a timm ``ModelEmaV3``, the
+state saved with every checkpoint, and the update that matches the gradient-reduction path
+(`fap.engine.step`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from fap.config import ConfigError, TrainConfig, diff, method_name, to_dict, val
 from fap.engine.compiled import CompileWatch, check_compile, compile_network
 from fap.engine.distributed import configure_deepspeed, deepspeed_preflight, main_process_first, \
     make_accelerator, shard_fsdp2, using_deepspeed, using_fsdp2, warn_oversubscribed
+from fap.engine.lock import RunDirLock, hold_run_dir
 from fap.engine.state import MethodRNG
 from fap.engine.step import Update, make_update
 from fap.methods import build_method
@@ -80,11 +84,18 @@ class Run:
     resume_from: Optional[Path] = None
     resume_marker: Optional[Dict[str, Any]] = None
     compile_watch: Optional[CompileWatch] = None
+    lock: Optional[RunDirLock] = None
 
     @property
     def sharded(self) -> Optional[Tuple[Any, Any]]:
         """``(model, optimizer)`` when they are FSDP2's, which checkpoints save as distributed state dicts."""
         return (self.model, self.optimizer) if self.marker.get("distributed_type") == "FSDP2" else None
+
+    @property
+    def per_process(self) -> Dict[str, torch.nn.Module]:
+        """The modules whose buffers (BatchNorm statistics) each process keeps, and each checkpoint
+        saves, per process: the model and its EMA."""
+        return {"model": self.unwrapped, **({"ema": self.ema.module} if self.ema is not None else {})}
 
     @property
     def total_updates(self) -> int:
@@ -109,8 +120,14 @@ class Run:
         }
 
 
-def build_run(config: TrainConfig) -> Run:
-    """Validate ``config`` and build everything the loop needs (see the module docstring)."""
+def build_run(config: TrainConfig, *, held: Optional[contextlib.ExitStack] = None) -> Run:
+    """Validate ``config`` and build everything the loop needs (see the module docstring).
+
+    Args:
+        config: the run's config.
+        held: releases the run directory's lock (`fap.engine.lock`) when it closes, also when
+            this raises; without it the caller releases ``Run.lock``.
+    """
     from accelerate.utils import DistributedType, set_seed
 
     cfg = validate(config)
@@ -118,9 +135,12 @@ def build_run(config: TrainConfig) -> Run:
     task.check_config(cfg)
     run_dir = Path(cfg.output_dir)
     world, micro = _batch_split(cfg)
-    resume_from, resume_marker = _checked_resume(cfg, run_dir, world)
     deepspeed_preflight(cfg, micro, world)
     accelerator, precision = make_accelerator(cfg, run_dir)
+    lock = hold_run_dir(accelerator, run_dir)  # one writer per run directory, before anything reads it
+    if held is not None and lock is not None:
+        held.callback(lock.release)
+    resume_from, resume_marker = _checked_resume(cfg, run_dir, world)
     zero_stage = configure_deepspeed(accelerator, cfg, micro)
     check_compile(cfg.train.compile, zero_stage)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -163,7 +183,7 @@ def build_run(config: TrainConfig) -> Run:
                eval_loader=eval_loader, prepared_train=prepared[0], prepared_eval=prepared[1],
                num_classes=num_classes, updates_per_epoch=updates_per_epoch, update=update, state=state, rng=rng,
                marker=marker, resume_from=resume_from, resume_marker=resume_marker,
-               compile_watch=CompileWatch(cfg.train.compile))
+               compile_watch=CompileWatch(cfg.train.compile), lock=lock)
 
 
 def resume(run: Run) -> None:
@@ -172,14 +192,16 @@ def resume(run: Run) -> None:
     if run.resume_from is None:
         return
     # verified in build_run
-    load_checkpoint(run.accelerator, run.resume_from, marker=run.resume_marker, sharded=run.sharded)
+    load_checkpoint(run.accelerator, run.resume_from, marker=run.resume_marker, sharded=run.sharded,
+                    buffers=run.per_process)
     run.accelerator.print(f"resumed from {run.resume_from} (epoch {run.state.epoch}, step {run.state.step})")
     saved_world = int(run.resume_marker.get("world_size", run.world))
     if saved_world != run.world:
         run.accelerator.print(
             f"note: the checkpoint was written by {saved_world} processes, this run has {run.world}: the same "
-            "images in the same updates, but spread over other processes (other BatchNorm batches), and new "
-            "random streams for the method: not bitwise the run it resumes")
+            "images in the same updates, but spread over other processes (other BatchNorm batches; every "
+            "process starts from the first process's BatchNorm statistics), and new random streams for the "
+            "method: not bitwise the run it resumes")
 
 
 # ------------------------------------------------------------------------------------
