@@ -63,7 +63,7 @@ import torch
 
 from fap.attacks import random_start, sign_step
 from fap.data import DataConfig, build_loader, num_classes, to_unit_float
-from fap.methods import budget_matched, build_method
+from fap.methods import build_method, matched_budget
 from fap.methods.fast_advprop import split_sizes
 from fap.models import create_model
 from fap.norm import has_batch_norm, set_aux_group_size
@@ -295,11 +295,11 @@ def _method_result(args, name: str, method, times: Dict[str, List[float]], cpu: 
     """Ratios of one method's times to vanilla's (and the floor's), and its exact image-passes."""
     cost = method.cost(args.batch)
     per_epoch, vanilla = min(times[name]), min(times["vanilla"])
-    epochs_factor = 1.0
-    if name.startswith("fast_advprop"):
+    epochs_factor = None  # the floor is not a method: it has no budget of its own
+    if name != "three_pass_floor":
         reference = getattr(args, "reference_epochs", REFERENCE_EPOCHS)
-        matched, _ = budget_matched(reference, p_adv=method.config.p_adv, attack_steps=method.config.attack_steps)
-        epochs_factor = matched / reference  # e.g. 87 / 105 for ResNet-50's schedule
+        matched, _ = matched_budget(method.name, method.config, reference)
+        epochs_factor = matched / reference  # 87 / 105 for Fast AdvProp, 35 / 105 for AdvProp PGD-1
     return {
         "seconds_per_epoch": per_epoch,
         "ratio_to_vanilla": per_epoch / vanilla,
@@ -309,7 +309,7 @@ def _method_result(args, name: str, method, times: Dict[str, List[float]], cpu: 
         "cpu_ratio_to_vanilla": min(cpu[name]) / min(cpu["vanilla"]),
         "image_passes_per_epoch": cost.image_passes * args.batches,
         "image_pass_ratio": cost.ratio,
-        "budget_matched_total_ratio": per_epoch / vanilla * epochs_factor,
+        "budget_matched_total_ratio": None if epochs_factor is None else per_epoch / vanilla * epochs_factor,
         "paired_median_ratio_to_floor": (_paired_median(times[name], times["three_pass_floor"])
                                          if "three_pass_floor" in times else None),
         "all_seconds": times[name],
@@ -425,7 +425,7 @@ def table(args, res: Dict[str, Dict]) -> str:
              f"{'method':>20} {'s/epoch':>9} {'vs vanilla':>11} {'(paired)':>9} {'(CPU)':>7} "
              f"{'image-passes':>13} {'(ratio)':>8} {'peak MiB':>9} {'budget-matched total':>21} {'vs floor':>9}"]
     for name, r in res.items():
-        total = f"{r['budget_matched_total_ratio']:.3f}x" if name.startswith("fast_advprop") else "-"
+        total = "-" if r["budget_matched_total_ratio"] is None else f"{r['budget_matched_total_ratio']:.3f}x"
         floor = r.get("paired_median_ratio_to_floor")
         floor = f"{floor:.3f}x" if floor is not None and name.startswith("fast_advprop") else "-"
         lines.append(f"{name:>20} {r['seconds_per_epoch']:9.2f} {r['ratio_to_vanilla']:10.3f}x "
