@@ -17,8 +17,8 @@
 #      reaches minus what the present set reaches without entering deepspeed/datasets/pydantic/ffcv;
 #   4. those exact versions are downloaded (--no-deps, binary only) beside the built wheels.
 # It prints every file with its size and the total, writes DIR/MANIFEST.txt, and fails when
-# the total reaches LIMIT_MIB (60). Measured on 2026-12-01 for the default node: 15 wheels,
-# 7.0 MiB (benchmarks/results/README.md lists them).
+# the total reaches LIMIT_MIB (60). Measured on 2026-12-06 for the default node: 16 wheels,
+# 40.7 MiB, scipy 35 MB of it (benchmarks/results/README.md lists them).
 #
 # Install on the node (benchmarks/gpu_check.sh does it when `import fap, deepspeed` fails):
 #   python3 -m pip install --no-index --no-deps --target DIR/site DIR/*.whl

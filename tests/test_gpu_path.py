@@ -28,7 +28,7 @@ NODE = ["torch", "torchvision", "timm", "accelerate", "transformers", "safetenso
         "pyyaml", "tensorboard", "matplotlib", "pandas", "pyarrow"]
 ABSENT = ["deepspeed", "datasets", "pydantic", "ffcv"]
 NODE_WANTS = {"fap", "deepspeed", "datasets", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
-              "hjson", "msgpack", "ninja", "py-cpuinfo", "einops", "dill", "multiprocess", "xxhash"}
+              "hjson", "msgpack", "ninja", "py-cpuinfo", "einops", "dill", "multiprocess", "xxhash", "scipy"}
 
 
 # ---- the resolution logic, offline -------------------------------------------------------------
