@@ -21,7 +21,10 @@ and never form a cycle: ``tests/test_imports.py`` walks them all and prints any 
   ``fap.data``, ``fap.models``, ``fap.evaluation``, ``fap.detection`` and ``fap.checkpoint``.
 * ``fap.evaluation`` and ``fap.detection`` never import a training module (``fap.engine``).
 * ``fap.config`` imports only schema modules (``fap.data.config``, ``fap.evaluation.config``,
-  ``fap.detection.config``, the method configs); ``fap.checks`` is the ground floor.
+  ``fap.detection.config``, ``fap.methods.config``), none of which imports torch, and the
+  packages around them load their torch-importing parts on first use (PEP 562), so
+  ``import fap.config``, ``fap --help`` and a config error load no torch (tested);
+  ``fap.checks`` (the errors of the user's mistakes, the checks of values) is the ground floor.
 """
 __version__ = "0.1.0"
 

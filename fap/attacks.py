@@ -24,6 +24,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from fap.checks import check_epsilon  # the budget check is pure Python, shared with the config sections
+
 __all__ = [
     "check_epsilon",
     "random_start",
@@ -33,17 +35,6 @@ __all__ = [
     "pgd",
     "fgsm",
 ]
-
-ADVPROP_RANDOM_INIT_PROB = 0.8
-
-
-def check_epsilon(epsilon: float, name: str = "epsilon") -> float:
-    if not isinstance(epsilon, (int, float)) or epsilon != epsilon or epsilon < 0:
-        raise ValueError(f"{name} must be a number >= 0 in 1/255 pixel units (e.g. 1.0), got {epsilon!r}")
-    if epsilon > 255:
-        raise ValueError(f"{name}={epsilon} is in 1/255 units and cannot exceed 255")
-    return float(epsilon)
-
 
 def _check_prob(p: float) -> float:
     if not 0.0 <= p <= 1.0:

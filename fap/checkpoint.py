@@ -61,7 +61,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from fap.checks import import_extra
+from fap.checks import CheckpointError, import_extra  # the error is defined torch-free, for `fap.cli`
 
 __all__ = [
     "MARKER",
@@ -103,10 +103,6 @@ _DEL_PREFIX = ".tmp-del-"
 # Files that torch.load would unpickle (Accelerate: optimizer.bin, scheduler.bin,
 # random_states_*.pkl, custom_checkpoint_*.pkl; DeepSpeed: *.pt in its tag folder).
 _PICKLED = (".pkl", ".bin", ".pt", ".pth")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or resume request that cannot be honoured; the message says why and what to do."""
 
 
 @dataclass

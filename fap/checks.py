@@ -1,11 +1,16 @@
-"""What the configuration dataclasses share: `ConfigError` and the check of ``Literal`` choices.
+"""What the configuration dataclasses share: the user's-mistake errors and the checks of values.
+
+`ConfigError`, `DataError` (and `DataNotFoundError`) and `CheckpointError` are the errors
+the command line prints in one or two lines with exit status 2 (`fap.cli`); they live here,
+re-exported by `fap.data` and `fap.checkpoint`, so catching them loads no torch.
 
 A field with a closed set of choices is annotated ``typing.Literal[...]`` (or
 ``Optional[Literal[...]]``); the annotation is the one place the choices are written.
 The command-line parser (`fap.config`) reads them to parse values and print ``--help``,
 and `check_choices` checks a dataclass built in Python against them. This module imports
-nothing heavy, so every config section (`fap.config`, `fap.data.config`, the method
-configs, `fap.evaluation.config`) can use it.
+nothing but the standard library, so every config section (`fap.config`, `fap.data.config`,
+`fap.methods.config`, `fap.evaluation.config`, `fap.detection.config`) can use it, and
+importing `fap.config` loads no torch.
 """
 from __future__ import annotations
 
@@ -14,11 +19,35 @@ import importlib
 import typing
 from typing import Any, Literal, Optional, Tuple, Union
 
-__all__ = ["ConfigError", "MissingExtra", "check_choices", "choices_text", "import_extra", "literal_choices", "require"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DataNotFoundError",
+    "MissingExtra",
+    "check_choices",
+    "check_epsilon",
+    "choices_text",
+    "import_extra",
+    "literal_choices",
+    "require",
+]
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the key, the value and what is valid."""
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as it is. The message names the file or key and the fix."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A dataset directory, split or file that is not there. The message names the path and the fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or resume request that cannot be honoured; the message says why and what to do."""
 
 
 class MissingExtra(ConfigError, ImportError):
@@ -85,3 +114,17 @@ def require(ok: bool, key: str, value: Any, expected: str) -> None:
     """Raise `ConfigError` ``"key=value is not valid: expected ..."`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is not valid: expected {expected}")
+
+
+def check_epsilon(epsilon: float, name: str = "epsilon") -> float:
+    """An attack budget or step in 1/255 pixel units: a number in [0, 255]; returns it as a float.
+
+    Raises:
+        ValueError: naming ``name``, the value and the valid range (`fap.attacks` uses it
+            too; the config sections turn it into a `ConfigError`).
+    """
+    if not isinstance(epsilon, (int, float)) or epsilon != epsilon or epsilon < 0:
+        raise ValueError(f"{name} must be a number >= 0 in 1/255 pixel units (e.g. 1.0), got {epsilon!r}")
+    if epsilon > 255:
+        raise ValueError(f"{name}={epsilon} is in 1/255 units and cannot exceed 255")
+    return float(epsilon)

@@ -134,9 +134,7 @@ def _train_from_args(config, argv: List[str], *, smoke, prog: str) -> int:
 
 
 def _diagnosed(prog: str, fn: Callable[[], int], *, debug: bool = False) -> int:
-    from fap.checkpoint import CheckpointError
-    from fap.config import ConfigError
-    from fap.data import DataError
+    from fap.checks import CheckpointError, ConfigError, DataError  # torch-free: a config error loads no torch
 
     try:
         return fn()

@@ -15,6 +15,10 @@ method's own dataclass (`fap.methods.CONFIGS`), so neither is duplicated here: `
 NAME`` swaps the section for ``CONFIGS[NAME]()`` and ``--method.KEY=VALUE`` sets one of its
 fields; ``--task=detection`` picks the task. Unknown sections and keys, values of the wrong type, and choices outside a
 ``Literal`` are errors that name the key and what would be valid.
+
+This module imports only the sections' schema modules (`fap.data.config`,
+`fap.evaluation.config`, `fap.detection.config`, `fap.methods.config`) and `fap.checks`,
+none of which imports torch: ``--help`` and config errors answer without loading it.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from fap.checks import ConfigError, choices_text, literal_choices
 from fap.data.config import DETECTION_SOURCES, DataConfig
 from fap.detection.config import DetectionSection
 from fap.evaluation.config import SuiteConfig
-from fap.methods import CONFIGS as METHOD_CONFIGS
+from fap.methods.config import CONFIGS as METHOD_CONFIGS
 
 __all__ = [
     "ConfigError",
@@ -626,6 +630,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Check types of every field and consistency between sections; return ``cfg``.
 
     Checks that need the world size (divisibility of the batch) happen in the engine.
+    Every check but the last (``optim.opt`` against timm's registry) is pure Python, so a
+    config error answers without loading torch.
     """
     _require(isinstance(cfg, TrainConfig), f"expected a TrainConfig, got {type(cfg).__name__}")
     _require(cfg.task in TASKS, f"task={cfg.task!r}: expected {choices_text(TASKS)}")
@@ -644,7 +650,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     # Each method checks its own switches, and those that depend on the other sections.
     _section_validate(lambda: cfg.method.validate(model_dual_norm=cfg.model.dual_norm,
                                                   mixup_enabled=cfg.mixup.enabled))
+    _check_optimizer(cfg.optim.opt)  # last: timm's registry loads torch, every other check does not
     return cfg
+
+
+def _check_optimizer(opt: str) -> None:
+    """``optim.opt`` names a timm optimizer (the registry imports timm, and so torch)."""
+    from timm.optim import list_optimizers
+
+    _require(opt.lower() in list_optimizers(),
+             f"optim.opt={opt!r} is not a timm optimizer; e.g. sgd, momentum, adamw, lamb "
+             "(timm.optim.list_optimizers() has them all)")
 
 
 def _section_validate(check: Callable[[], Any]) -> None:
@@ -688,10 +704,6 @@ def _check_values(cfg: TrainConfig) -> None:
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: expected >= 0")
     _require(o.clip_grad is None or o.clip_grad > 0,
              f"optim.clip_grad={o.clip_grad}: expected None (no clipping) or a number > 0")
-    from timm.optim import list_optimizers  # local: the registry is only needed here
-    _require(o.opt.lower() in list_optimizers(),
-             f"optim.opt={o.opt!r} is not a timm optimizer; e.g. sgd, momentum, adamw, lamb "
-             "(timm.optim.list_optimizers() has them all)")
     if s.sched == "multistep":
         _require(len(s.milestones) > 0, "sched.milestones is empty but sched.sched='multistep'; give epochs, e.g. 30,60,90")
     if s.milestones:

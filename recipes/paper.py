@@ -75,11 +75,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import fap
 import resnet50  # the base: the paper's ResNet-50 recipe, in this directory
 import retinanet_r50  # Table 7's base: the detection recipe, in this directory
-from fap.attacks import ADVPROP_RANDOM_INIT_PROB
 from fap.cli import run_main
 from fap.config import ConfigError, method_name, parse_args, to_dict
 from fap.evaluation.paper import PAPER_RESULTS, TABLES, PaperResult, paper_result
 from fap.methods import CONFIGS, StepCost, budget_matched, build_method
+from fap.methods.config import ADVPROP_RANDOM_INIT_PROB
 
 # The vanilla schedules the paper's budgets are measured against: (epochs, LR milestones).
 STANDARD = (105, (30, 60, 90, 100))

@@ -131,3 +131,71 @@ def test_nothing_imports_the_command_line():
     top = {"fap.cli", "fap.__main__", "fap.engine.__main__"}
     users = sorted(a for a, targets in g.items() if "fap.cli" in targets and a not in top)
     assert not users, f"modules importing fap.cli: {users}"
+
+
+# --- The config is the ground floor of a run: parsing and checking it loads no torch -------------
+
+SCHEMA_MODULES = {"fap.checks", "fap.data.config", "fap.evaluation.config", "fap.detection.config",
+                  "fap.methods.config"}
+
+
+def test_the_config_imports_only_the_sections_schema_modules():
+    g = graph()
+    reached, todo = set(), ["fap.config"]
+    while todo:  # everything fap.config reaches, function-level imports included
+        for nxt in g[todo.pop()] - reached:
+            reached.add(nxt)
+            todo.append(nxt)
+    assert reached == SCHEMA_MODULES, f"fap.config reaches {sorted(reached)}, not only the schema modules"
+
+
+def _fresh(code: str):
+    """Run ``code`` in a fresh interpreter, this tree first on the path: ``(status, stdout, stderr)`` lines."""
+    import os
+    import subprocess
+    import sys
+
+    repo = FAP.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=120)
+    return proc.returncode, proc.stdout.strip().splitlines(), proc.stderr.strip().splitlines()
+
+
+TORCH_LOADED = "import sys; print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
+
+
+def test_a_config_is_built_overridden_and_refused_without_torch():
+    status, out, err = _fresh(
+        "import fap.config as C\n"
+        "cfg = C.apply_overrides(C.TrainConfig(), ['--method', 'vanilla', '--optim.lr=0.2', '--data.source=demo'])\n"
+        "assert (C.method_name(cfg.method), cfg.optim.lr, cfg.data.source) == ('vanilla', 0.2, 'demo')\n"
+        "try:\n"
+        "    C.parse_args(C.TrainConfig(), ['--method.p_adv=1.5'])  # refused by the method's own validate\n"
+        "except C.ConfigError as e:\n"
+        "    print('refused:', e)\n"
+        + TORCH_LOADED)
+    assert status == 0, err
+    assert out[0].startswith("refused: method.p_adv=1.5") and out[-1] == "no torch", out
+
+
+@pytest.mark.parametrize("argv, status, expect", [
+    (["train", "--bogus.key=1"], 2, "fap train: error: unknown section 'bogus' in --bogus.key; valid sections: "
+                                    "train, data, model, method, optim, sched, mixup, ema, checkpoint, log, "
+                                    "final_eval, detection"),  # a config error: one line, exit 2
+    (["train", "--help"], 0, "--optim.lr=0.1"),  # every key, with its default
+    (["--help"], 0, "compare"),  # the subcommands
+])
+def test_the_command_line_answers_help_and_config_errors_without_torch(argv, status, expect):
+    rc, out, err = _fresh("import sys\nimport fap.cli\n"
+                          "try:\n"
+                          f"    rc = fap.cli.main({argv!r})\n"
+                          "except SystemExit as e:\n"
+                          "    rc = e.code\n"
+                          "print('exit', rc, file=sys.stderr)\n" + TORCH_LOADED)
+    assert rc == 0 and out[-1] == "no torch", (out, err)
+    assert err[-1] == f"exit {status}", err
+    if status:
+        assert err[:-1] == [expect], err  # one line
+    else:
+        assert any(expect in line for line in out), out

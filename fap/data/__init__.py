@@ -4,12 +4,36 @@ Every source yields ``(uint8 images (B, 3, H, W), int64 labels (B,))``; the mode
 normalises (see ``fap.models``) and :func:`to_unit_float` gives the ``[0, 1]`` pixels that
 attacks work in. ``fap data ...`` (``fap.data.cli``) makes, converts and inspects datasets.
 
-FFCV and HF ``datasets`` are imported only when a source needs them.
+FFCV and HF ``datasets`` are imported only when a source needs them. The config
+(`fap.data.config`) and the errors are torch-free and imported at once; the rest on first
+use (PEP 562), so ``fap.config`` reads ``DataConfig`` without loading torch.
 """
-from fap.data.base import DataError, DataNotFoundError, to_unit_float
+import importlib
+
+from fap.checks import DataError, DataNotFoundError
 from fap.data.config import SOURCES, DataConfig
-from fap.data.demo import make_demo
-from fap.data.loader import build_dataset, build_loader, class_names, num_classes, set_epoch
+
+_LAZY = {
+    "to_unit_float": "fap.data.base",
+    "make_demo": "fap.data.demo",
+    "build_dataset": "fap.data.loader",
+    "build_loader": "fap.data.loader",
+    "class_names": "fap.data.loader",
+    "num_classes": "fap.data.loader",
+    "set_epoch": "fap.data.loader",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fap.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "DataNotFoundError",

@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fap.checks import DataError, DataNotFoundError  # defined torch-free, so `fap.cli` catches them cheaply
+
 __all__ = [
     "DataError",
     "DataNotFoundError",
@@ -39,14 +41,6 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 SKIP_HINT = "set data.skip_corrupt=True to skip (and count) such files instead"
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as it is. The message names the file or key and the fix."""
-
-
-class DataNotFoundError(DataError, FileNotFoundError):
-    """A dataset directory, split or file that is not there. The message names the path and the fix."""
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,39 @@
 """Evaluation as a library: the suite (`fap.evaluation.suite`: ``run_suite``, ``evaluate_model``),
 model loading, model-aligned folders, the gather-exact evaluation loop, the ImageNet-C metrics
 and the report. ``fap eval`` (`fap.evaluate`) is its command line; the training engine's
-final evaluation calls this package, never the command. Nothing here imports a training module."""
-from fap.evaluation.folders import ModelFolder, align_classes, imagenet_c_layout
-from fap.evaluation.loading import LoadedModel, WeightsError, load_model
-from fap.evaluation.metrics import ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, corruption_summary, topk_correct
-from fap.evaluation.report import flatten, format_markdown, write_report
+final evaluation calls this package, never the command. Nothing here imports a training module.
+
+The torch-free parts (the suite's config, `fap.evaluation.config`, and the report) import at
+once; the rest on first use (PEP 562), so ``fap.config`` reads ``SuiteConfig`` without torch."""
+import importlib
+
+from fap.evaluation.report import flatten, format_markdown, write_report  # torch-free
+
+_LAZY = {
+    "ModelFolder": "fap.evaluation.folders",
+    "align_classes": "fap.evaluation.folders",
+    "imagenet_c_layout": "fap.evaluation.folders",
+    "LoadedModel": "fap.evaluation.loading",
+    "WeightsError": "fap.evaluation.loading",
+    "load_model": "fap.evaluation.loading",
+    "ALEXNET_CLEAN_ERROR": "fap.evaluation.metrics",
+    "ALEXNET_ERRORS": "fap.evaluation.metrics",
+    "corruption_summary": "fap.evaluation.metrics",
+    "topk_correct": "fap.evaluation.metrics",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fap.evaluation' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ALEXNET_CLEAN_ERROR",

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from fap.checks import ConfigError, check_choices
+from fap.checks import ConfigError, check_choices, check_epsilon
 from fap.data.config import Interpolation
 
 __all__ = ["FOLDER_SETS", "SuiteConfig"]
@@ -76,8 +76,6 @@ class SuiteConfig:
 
     def validate(self) -> "SuiteConfig":
         """Check the fields; raise `ConfigError` (a ``ValueError``) naming the key, the value and what is valid."""
-        from fap.attacks import check_epsilon
-
         check_choices(self, "suite")  # interpolation
         _check(isinstance(self.pgd_steps, int) and self.pgd_steps >= 0, "pgd_steps", self.pgd_steps,
                "an int >= 0 (0 = no adversarial evaluation)")

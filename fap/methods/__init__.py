@@ -1,16 +1,43 @@
 """Training methods, interchangeable behind one `Method.train_step` interface.
 
-The only place in fap that knows about adversarial examples.
+The only place in fap that knows about adversarial examples. The configs (``CONFIGS``,
+`fap.methods.config`) and `budget_matched` are torch-free and imported at once; the methods
+themselves, which need torch, are imported on first use (PEP 562), so ``fap.config`` can
+read ``CONFIGS`` without loading torch.
 """
-from typing import List, Sequence, Tuple
+from __future__ import annotations
 
-from fap.methods.advprop import AdvProp, AdvPropConfig
-from fap.methods.base import Method, StepCost
-from fap.methods.fast_advprop import FastAdvProp, FastAdvPropConfig, budget_matched
-from fap.methods.vanilla import Vanilla, VanillaConfig
+import importlib
+from typing import TYPE_CHECKING, List, Sequence, Tuple
 
-METHODS = {"vanilla": Vanilla, "advprop": AdvProp, "fast_advprop": FastAdvProp}
-CONFIGS = {"vanilla": VanillaConfig, "advprop": AdvPropConfig, "fast_advprop": FastAdvPropConfig}
+from fap.methods.config import CONFIGS, AdvPropConfig, FastAdvPropConfig, VanillaConfig, budget_matched
+
+if TYPE_CHECKING:
+    from fap.methods.base import Method
+
+_LAZY = {
+    "Method": "fap.methods.base",
+    "StepCost": "fap.methods.base",
+    "Vanilla": "fap.methods.vanilla",
+    "AdvProp": "fap.methods.advprop",
+    "FastAdvProp": "fap.methods.fast_advprop",
+}
+_CLASSES = {"vanilla": "Vanilla", "advprop": "AdvProp", "fast_advprop": "FastAdvProp"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name == "METHODS":  # the method classes by name, as CONFIGS holds their configs
+        value = {key: __getattr__(cls) for key, cls in _CLASSES.items()}
+    else:
+        raise AttributeError(f"module 'fap.methods' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | {"METHODS"})
 
 
 def matched_budget(name: str, config, epochs: int, milestones: Sequence[int] = ()) -> Tuple[int, List[int]]:
@@ -30,10 +57,10 @@ def matched_budget(name: str, config, epochs: int, milestones: Sequence[int] = (
 
 
 def build_method(name: str, config=None, **kwargs) -> Method:
-    """``build_method("fast_advprop", p_adv=0.2)`` -> a configured method."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name](config, **kwargs)
+    """``build_method("fast_advprop", p_adv=0.2)`` -> a configured `Method`."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(_CLASSES)}")
+    return __getattr__(_CLASSES[name])(config, **kwargs)
 
 
 __all__ = [

@@ -8,7 +8,7 @@ main norms, adversarial rows through the auxiliary ones — and one backward of
 ``(Σ_clean ℓ + Σ_adversarial ℓ) / B``, i.e. L(clean) + L(adv) with batch means.
 Cost: K attack passes + 2 training passes per image, (K + 2)× vanilla.
 
-``norms`` says what is normalised together (`fap.methods.base.NORM_MODES`): ``dual`` is
+``norms`` says what is normalised together (`fap.methods.config.NORM_MODES`): ``dual`` is
 the above; ``mixed`` is the paper's "vanilla adversarial training" baseline, the same
 forward of ``[clean; adversarial]`` through one set of norms, so both halves share batch
 statistics; ``shared`` also uses one set of norms but runs the clean and the adversarial
@@ -20,51 +20,16 @@ three. The attack runs through the norms the adversarial images train with. A de
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Literal, Optional
 
 import torch
 
-from fap.attacks import ADVPROP_RANDOM_INIT_PROB, pgd, random_start, sign_step
+from fap.attacks import pgd, random_start, sign_step
 from fap.checks import ConfigError
-from fap.methods.base import Method, MethodConfig, Norms, StepCost, check_attack, check_norms
+from fap.methods.base import Method, StepCost, check_norms
+from fap.methods.config import AdvPropConfig
 from fap.norm import route, split_route
 
 __all__ = ["AdvProp", "AdvPropConfig"]
-
-
-@dataclass(frozen=True)
-class AdvPropConfig(MethodConfig):
-    """Args:
-        epsilon: L∞ budget in 1/255 units (AdvProp uses 1–4 by model size).
-        attack_steps: K, PGD iterations (the original implementation's default is 5).
-        step: step size in 1/255 units; None gives max(1, ε/K) capped at ε.
-        targeted: attack toward a random wrong label (AdvProp); False ascends the true label.
-        random_init_prob: probability of a uniform random start (tensorpack AdvProp: 0.8).
-        attack_bn_mode: ``"eval"`` attacks with the aux norms' running statistics (the
-            re-implementations); ``"train"`` uses batch statistics.
-        norms: ``"dual"``, ``"shared"`` or ``"mixed"``; see the module docstring.
-        label_smoothing: on the clean loss (ignored under Mixup).
-        num_classes: needed for targeted attacks; None reads it from the logits.
-    """
-    epsilon: float = 1.0
-    attack_steps: int = 5
-    step: Optional[float] = None
-    targeted: bool = True
-    random_init_prob: float = ADVPROP_RANDOM_INIT_PROB
-    attack_bn_mode: Literal["eval", "train"] = "eval"
-    norms: Norms = "dual"
-    label_smoothing: float = 0.0
-    num_classes: Optional[int] = None
-
-    def validate(self, *, model_dual_norm: Optional[bool] = None, mixup_enabled: bool = False) -> "AdvPropConfig":
-        """`MethodConfig.validate`, plus the attack's switches; Mixup is refused."""
-        super().validate(model_dual_norm=model_dual_norm, mixup_enabled=mixup_enabled)
-        check_attack(self)
-        if mixup_enabled:
-            raise ConfigError("mixup is enabled but method 'advprop' pairs each clean image with its "
-                              "adversarial copy, which Mixup/CutMix would break; use fast_advprop or vanilla")
-        return self
 
 
 class AdvProp(Method):

@@ -13,15 +13,15 @@ engine, Accelerate or precision.
 from __future__ import annotations
 
 import contextlib
-import typing
 from dataclasses import dataclass, fields
-from typing import Callable, ContextManager, Dict, Literal, Optional, Tuple, Union
+from typing import Callable, ContextManager, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from fap.attacks import check_epsilon
-from fap.checks import ConfigError, check_choices, require
+from fap.checks import ConfigError, require
+# The method configs are torch-free (`fap.config` reads them); re-exported here, where they were defined.
+from fap.methods.config import NORM_MODES, MethodConfig, Norms, check_attack  # noqa: F401
 from fap.norm import dual_norm_modules, ghost_groups_fit, has_dual_norm
 # The loss and metrics of classification are the task's (the task sits below the methods);
 # re-exported here for the code that has always imported them from this module.
@@ -42,18 +42,6 @@ Backward = Callable[[torch.Tensor], None]
 NoSync = Callable[[], ContextManager]
 MixupFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
-Norms = Literal["dual", "shared", "mixed"]
-NORM_MODES: Tuple[str, ...] = typing.get_args(Norms)
-"""What is normalised together (AdvProp, Xie et al., Sec. 4.2, and its "vanilla
-adversarial training" baseline):
-
-* ``dual``: adversarial images go through auxiliary norms, clean ones through the main
-  norms (disentangled learning);
-* ``shared``: one set of norms; every pass normalises its own batch, so clean and
-  adversarial images never share batch statistics;
-* ``mixed``: one set of norms; clean and adversarial images are normalised together in
-  one batch (the condition the disentangled-learning hypothesis says hurts).
-"""
 
 
 @dataclass(frozen=True)
@@ -79,56 +67,6 @@ class StepCost:
             "image_passes": self.image_passes,
             "cost_ratio": self.ratio,
         }
-
-
-class MethodConfig:
-    """Base of the method configs (the ``method`` section of a run): a config checks itself.
-
-    `fap.config.validate` calls ``cfg.method.validate(model_dual_norm=..., mixup_enabled=...)``
-    for whichever method is set, so the rules of a method live with its switches; a method
-    built on its own (`Method.__init__`) calls it without the run's other sections.
-    Subclasses are frozen dataclasses; they extend `validate` with their own rules and call
-    ``super().validate(...)`` first.
-    """
-
-    def validate(self, *, model_dual_norm: Optional[bool] = None, mixup_enabled: bool = False) -> "MethodConfig":
-        """Check the switches, alone and against the run's other sections.
-
-        Args:
-            model_dual_norm: whether the model has auxiliary norms (``model.dual_norm``);
-                None (a method built without a run) skips the check against ``norms``.
-            mixup_enabled: whether the run applies Mixup/CutMix (``mixup.enabled``).
-
-        Returns:
-            ``self``.
-
-        Raises:
-            ConfigError: naming ``method.KEY``, the value and what is valid.
-        """
-        check_choices(self, "method")
-        label_smoothing = getattr(self, "label_smoothing", 0.0)
-        require(0.0 <= label_smoothing < 1.0, "method.label_smoothing", label_smoothing, "a number in [0, 1)")
-        norms = getattr(self, "norms", None)
-        if norms is not None and model_dual_norm is not None and (norms == "dual") != model_dual_norm:
-            raise ConfigError(
-                f"method.norms={norms!r} but model.dual_norm={model_dual_norm}: norms='dual' needs "
-                "model.dual_norm=true, 'shared' and 'mixed' need model.dual_norm=false")
-        return self
-
-
-def check_attack(cfg: MethodConfig) -> None:
-    """The attack switches AdvProp and Fast AdvProp share: ε, step, K and the random start."""
-    for key in ("epsilon", "step"):
-        value = getattr(cfg, key)
-        if value is not None:
-            try:
-                check_epsilon(value, f"method.{key}")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-    require(isinstance(cfg.attack_steps, int) and cfg.attack_steps >= 1, "method.attack_steps",
-            cfg.attack_steps, "an int >= 1 (K, attack iterations)")
-    require(0.0 <= cfg.random_init_prob <= 1.0, "method.random_init_prob", cfg.random_init_prob,
-            "a probability in [0, 1]")
 
 
 def check_norms(model: nn.Module, norms: str, method: str) -> None:

@@ -17,7 +17,7 @@ alternatives; both are switches, so the argument can be run: ``attack_target="ra
 (AdvProp's attack toward a random wrong label; the noisy pass then trains on that label)
 and ``attack_bn_mode="eval"`` (the attack normalises with running statistics).
 
-``norms`` says what is normalised together (`fap.methods.base.NORM_MODES`): ``dual`` is
+``norms`` says what is normalised together (`fap.methods.config.NORM_MODES`): ``dual`` is
 the above; ``shared`` runs the same passes through one set of norms, each pass with its
 own batch statistics; ``mixed`` is the AdvProp paper's "vanilla adversarial training"
 condition on the same passes: the noisy pass(es) run first and alone (they exist to find
@@ -53,18 +53,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from fractions import Fraction
 import warnings
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fap.attacks import random_start, random_wrong_labels, sign_step
-from fap.checks import ConfigError, require
-from fap.methods.base import Method, MethodConfig, Norms, StepCost, check_attack, check_norms
+from fap.checks import ConfigError
+from fap.methods.base import Method, StepCost, check_norms
+from fap.methods.config import FastAdvPropConfig, budget_matched  # re-exported: torch-free, `fap.config` reads them
 from fap.norm import dual_norm_modules, has_batch_norm, route, set_grad_scale, split_route
 
 __all__ = [
@@ -75,81 +74,6 @@ __all__ = [
     "group_changing_permutation",
     "batch_norm_eval",
 ]
-
-
-@dataclass(frozen=True)
-class FastAdvPropConfig(MethodConfig):
-    """The switches of the step: the paper's ablations, and fap's own ``norms`` and ``fused``.
-
-    Args:
-        p_adv: fraction of the loader batch used for the adversarial split (0.2).
-        epsilon: L∞ budget in 1/255 units (1.0).
-        step: FGSM step in 1/255 units; None = ε (the paper's step = ε).
-        attack_steps: K, attack iterations (1; the budget formula assumes K = 1).
-        beta: loss weight of the noisy and adversarial passes (0.5, "same importance").
-        random_init_prob: probability of the random start δ0 ~ U(-ε, ε): 1.0 as in the
-            paper's Algorithm 1; the reference code's effective value is 0.42.
-        random_init_per: draw the random-start coin per ``"sample"`` or per ``"batch"``
-            (the reference code draws one per batch).
-        reuse: keep the noisy pass's weight gradients (the "free" part). False computes
-            the attack gradient only.
-        attack_target: ``"untargeted"`` ascends the loss on the true label (the paper's
-            and the reference code's choice: its weight gradients train toward the true
-            label, so they can be reused); ``"random"`` descends the loss toward a random
-            wrong label (AdvProp's attack). With ``reuse`` the noisy pass then trains toward
-            that wrong label, which the paper (Sec. 3.2.2) gives as the reason to attack
-            untargeted; the adversarial pass trains on the true label either way.
-        attack_bn_mode: the normalisation statistics of the noisy (attack) pass:
-            ``"train"`` (batch statistics, the paper's and the reference code's
-            ``--attack_in_train``) or ``"eval"`` (running statistics, as AdvProp attacks;
-            the paper reports NaN losses when the reused gradients come from such an
-            attack). Only BatchNorm layers switch; dropout and drop-path stay in train mode.
-        per_group_normalization: normalise shared / main-norm / aux-norm gradients by
-            their own counts ("synchronisation"); False divides all by the shared count.
-        shuffle: Shuffling BN: regroup the adversarial images across BN groups (ranks,
-            and ghost groups of ``aux_group_size``) between the noisy and adversarial pass.
-        norms: ``"dual"`` (adversarial images through auxiliary norms), ``"shared"`` (one
-            set of norms, each pass its own batch) or ``"mixed"`` (one set of norms, clean
-            and adversarial images in one batch); see the module docstring.
-        fused: run the clean and first noisy pass as one forward/backward (``dual`` only).
-        label_smoothing: on the clean loss (ignored under Mixup).
-    """
-    p_adv: float = 0.2
-    epsilon: float = 1.0
-    step: Optional[float] = None
-    attack_steps: int = 1
-    beta: float = 0.5
-    random_init_prob: float = 1.0
-    random_init_per: Literal["sample", "batch"] = "sample"
-    reuse: bool = True
-    attack_target: Literal["untargeted", "random"] = "untargeted"
-    attack_bn_mode: Literal["train", "eval"] = "train"
-    per_group_normalization: bool = True
-    shuffle: bool = True
-    norms: Norms = "dual"
-    fused: bool = False
-    label_smoothing: float = 0.0
-
-    def validate(self, *, model_dual_norm: Optional[bool] = None,
-                 mixup_enabled: bool = False) -> "FastAdvPropConfig":
-        """`MethodConfig.validate`, plus the split, the attack and the fused pass."""
-        super().validate(model_dual_norm=model_dual_norm, mixup_enabled=mixup_enabled)
-        require(0.0 < self.p_adv < 1.0, "method.p_adv", self.p_adv,
-                "a number in (0, 1), the adversarial fraction of the batch (e.g. 0.2)")
-        check_attack(self)
-        require(self.beta > 0, "method.beta", self.beta,
-                "a number > 0 (the attack gradient comes from the beta-weighted loss)")
-        if self.fused and self.norms != "dual":
-            raise ConfigError(f"method.fused=True needs method.norms='dual', got norms={self.norms!r}: with one "
-                              "set of BatchNorm the fused pass would mix clean and noisy batch statistics")
-        if self.fused and not self.reuse:
-            raise ConfigError("method.fused=True needs method.reuse=True: the fused backward trains on the noisy pass")
-        if self.fused and (self.attack_target, self.attack_bn_mode) != ("untargeted", "train"):
-            raise ConfigError(f"method.fused=True runs the noisy pass inside the clean pass's train-mode forward on "
-                              f"the true labels (attack_target='untargeted', attack_bn_mode='train'); "
-                              f"attack_target={self.attack_target!r} with attack_bn_mode={self.attack_bn_mode!r} "
-                              "needs method.fused=false")
-        return self
 
 
 def split_sizes(batch_size: int, p_adv: float) -> Tuple[int, int]:
@@ -163,27 +87,6 @@ def split_sizes(batch_size: int, p_adv: float) -> Tuple[int, int]:
             f"{math.ceil(1 / min(p_adv, 1 - p_adv))} images"
         )
     return b_c, b_a
-
-
-def budget_matched(
-        epochs: int, milestones: Sequence[int] = (), *, p_adv: float = 0.2, attack_steps: int = 1
-) -> Tuple[int, List[int]]:
-    """Epochs and LR milestones divided by ``1 + p_adv·K`` (Mei et al., Sec. 4.1).
-
-    With the reference code's arithmetic (``get_exact_same_budget``): p_adv is read as a
-    clean : adversarial ratio of small integers (0.2 → 4:1, 1/3 → 2:1), the scale is computed
-    as ``clean/(clean + adv) + adv/(clean + adv)·(K + 1)`` in floating point
-    (1.2000000000000002 for 4:1, 1.3333333333333333 for 2:1) and the quotient rounded with
-    Python's ``round``. That gives the paper's numbers: 105 → 87 and [30, 60, 90, 100] →
-    [25, 50, 75, 83] at p_adv = 0.2; 79 epochs and [22, 45, 68, 75] at 1/3; 70 at 0.5
-    (Table 4). Dividing by an exact 1.2 would round 87.5 to 88; computing ``1 - p_adv`` from
-    the float 1/3 would give milestone 67 (67.4999...); flooring would give 78 epochs at 1/3.
-    """
-    share = Fraction(p_adv).limit_denominator(1000)  # adversarial : all, as the reference's integer ratio
-    adv, total = share.numerator, share.denominator
-    scale = (total - adv) / total + adv / total * (attack_steps + 1)
-    f = lambda e: max(1, int(round(e / scale)))  # noqa: E731
-    return f(epochs), [f(m) for m in milestones]
 
 
 def group_changing_permutation(

@@ -7,21 +7,12 @@ mean over images of the per-image detection losses: torchvision's own training l
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
-from fap.methods.base import Method, MethodConfig, StepCost
+from fap.methods.base import Method, StepCost
+from fap.methods.config import VanillaConfig
 from fap.norm import route
 
 __all__ = ["Vanilla", "VanillaConfig"]
-
-
-@dataclass(frozen=True)
-class VanillaConfig(MethodConfig):
-    """Args:
-        label_smoothing: label smoothing of the cross-entropy (ignored under Mixup,
-            whose targets carry their own smoothing).
-    """
-    label_smoothing: float = 0.0
 
 
 class Vanilla(Method):
