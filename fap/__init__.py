@@ -28,6 +28,8 @@ and never form a cycle: ``tests/test_imports.py`` walks them all and prints any 
 """
 __version__ = "0.1.0"
 
+from fap.lazy import lazy_exports  # noqa: E402  (standard library only)
+
 _LAZY = {
     "train": "fap.engine",
     "train_cli": "fap.cli",
@@ -49,15 +51,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fap' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -78,7 +78,7 @@ import retinanet_r50  # Table 7's base: the detection recipe, in this directory
 from fap.cli import run_main
 from fap.config import ConfigError, method_name, parse_args, to_dict
 from fap.evaluation.paper import PAPER_RESULTS, TABLES, PaperResult, paper_result
-from fap.methods import CONFIGS, StepCost, budget_matched, build_method
+from fap.methods import CONFIGS, StepCost, build_method, matched_budget
 from fap.methods.config import ADVPROP_RANDOM_INIT_PROB
 
 # The vanilla schedules the paper's budgets are measured against: (epochs, LR milestones).
@@ -199,12 +199,10 @@ def row_named(name: Optional[str]) -> Row:
 def budget(row: Row, method_cfg: Any) -> Tuple[int, List[int]]:
     """The row's (epochs, milestones): its vanilla schedule, divided by the per-epoch cost if matched."""
     epochs, milestones = row.schedule
-    if not row.matched or row.method == "vanilla":
+    if not row.matched:
         return epochs, list(milestones)
-    if row.method == "fast_advprop":  # 1 + p_adv*K, with the reference code's rounding
-        return budget_matched(epochs, milestones, p_adv=method_cfg.p_adv, attack_steps=method_cfg.attack_steps)
-    scale = method_cfg.attack_steps + 2  # AdvProp: K attack passes + clean + adversarial
-    return round(epochs / scale), [round(m / scale) for m in milestones]
+    # the cost ledger: 1 + p_adv*K with the reference code's rounding, K + 2 for AdvProp, 1 for vanilla
+    return matched_budget(row.method, method_cfg, epochs, milestones)
 
 
 def config(row: Row) -> fap.TrainConfig:

@@ -8,10 +8,9 @@ FFCV and HF ``datasets`` are imported only when a source needs them. The config
 (`fap.data.config`) and the errors are torch-free and imported at once; the rest on first
 use (PEP 562), so ``fap.config`` reads ``DataConfig`` without loading torch.
 """
-import importlib
-
 from fap.checks import DataError, DataNotFoundError
 from fap.data.config import SOURCES, DataConfig
+from fap.lazy import lazy_exports
 
 _LAZY = {
     "to_unit_float": "fap.data.base",
@@ -24,16 +23,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fap.data' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 __all__ = [
     "DataNotFoundError",

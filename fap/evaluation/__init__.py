@@ -5,9 +5,8 @@ final evaluation calls this package, never the command. Nothing here imports a t
 
 The torch-free parts (the suite's config, `fap.evaluation.config`, and the report) import at
 once; the rest on first use (PEP 562), so ``fap.config`` reads ``SuiteConfig`` without torch."""
-import importlib
-
 from fap.evaluation.report import flatten, format_markdown, write_report  # torch-free
+from fap.lazy import lazy_exports
 
 _LAZY = {
     "ModelFolder": "fap.evaluation.folders",
@@ -23,16 +22,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fap.evaluation' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = [
