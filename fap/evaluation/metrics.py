@@ -91,12 +91,17 @@ def topk_correct(
     return torch.stack([hits[:, :k].any(dim=1) for k in ks], dim=1).long()
 
 
-def corruption_summary(errors: Mapping[str, Sequence[float]], clean_error: Optional[float] = None) -> Dict:
+def corruption_summary(errors: Mapping[str, Sequence[float]], clean_error: Optional[float] = None, *,
+                       alexnet_normalised: bool = True) -> Dict:
     """ImageNet-C numbers from top-1 errors per corruption and severity.
 
     Args:
         errors: ``{corruption: [E_1, ..., E_5]}``, errors as fractions in [0, 1].
         clean_error: the model's clean top-1 error (fraction), for the relative numbers.
+        alexnet_normalised: compute the CE / mCE numbers, which divide by AlexNet's errors
+            on ImageNet-C (Hendrycks & Dietterich 2019) and mean nothing for another label
+            set; False (a corrupted copy of a 10-class toy set) leaves them None and
+            keeps the unnormalised mean errors only.
 
     Returns:
         A dict with, in percent: ``corruptions`` (per corruption: ``errors``, ``error``
@@ -109,7 +114,7 @@ def corruption_summary(errors: Mapping[str, Sequence[float]], clean_error: Optio
     for name, errs in errors.items():
         mean = sum(errs) / len(errs)
         entry = {"errors": [100.0 * e for e in errs], "error": 100.0 * mean, "ce": None, "relative_ce": None}
-        if name in ALEXNET_ERRORS:
+        if alexnet_normalised and name in ALEXNET_ERRORS:
             entry["ce"] = 100.0 * mean / ALEXNET_ERRORS[name]
             if clean_error is not None:
                 entry["relative_ce"] = 100.0 * (mean - clean_error) / (ALEXNET_ERRORS[name] - ALEXNET_CLEAN_ERROR)
@@ -119,10 +124,12 @@ def corruption_summary(errors: Mapping[str, Sequence[float]], clean_error: Optio
         "corruptions": {c: per[c] for c in ALL_CORRUPTIONS if c in per},
         "standard": standard,
         "complete": len(standard) == len(CORRUPTIONS),
+        "alexnet_normalised": bool(alexnet_normalised),
         "mean_error": _mean([per[c]["error"] for c in standard]),
         "mean_error_all": _mean([e["error"] for e in per.values()]),
         "mce": _mean([per[c]["ce"] for c in standard]),
-        "relative_mce": _mean([per[c]["relative_ce"] for c in standard]) if clean_error is not None else None,
+        "relative_mce": (_mean([per[c]["relative_ce"] for c in standard])
+                         if clean_error is not None and alexnet_normalised else None),
         "clean_error": None if clean_error is None else 100.0 * clean_error,
     }
     return summary

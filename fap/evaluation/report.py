@@ -37,8 +37,12 @@ def _headline(sets: Dict) -> Tuple[List[str], List[str]]:
         c = sets["imagenet_c"]
         n = len(c["standard"])
         suffix = "" if c["complete"] else f" ({n}/15)"
-        head += [f"IN-C mCE ↓{suffix}", f"IN-C mean err ↓{suffix}", f"IN-C rel. mCE ↓{suffix}"]
-        row += [_fmt(c["mce"]), _fmt(c["mean_error"]), _fmt(c["relative_mce"])]
+        if c.get("alexnet_normalised", True):
+            head += [f"IN-C mCE ↓{suffix}", f"IN-C mean err ↓{suffix}", f"IN-C rel. mCE ↓{suffix}"]
+            row += [_fmt(c["mce"]), _fmt(c["mean_error"]), _fmt(c["relative_mce"])]
+        else:
+            head.append(f"corrupted: mean err ↓ (unnormalised){suffix}")
+            row.append(_fmt(c["mean_error"]))
         if len(c["corruptions"]) != n:
             head.append(f"IN-C mean err ↓ (all {len(c['corruptions'])})")
             row.append(_fmt(c["mean_error_all"]))
@@ -69,7 +73,11 @@ def format_markdown(results: Dict) -> str:
     head, row = _headline(sets)
     lines += _table(head, [row]) + [""]
     note = "Top-1 accuracy (%) unless marked ↓ (top-1 error, %)."
-    if "imagenet_c" in sets:
+    if "imagenet_c" in sets and not sets["imagenet_c"].get("alexnet_normalised", True):
+        note += (" The corrupted set is scored as the unnormalised mean top-1 error over its corruptions and "
+                 "severities: the model does not predict ImageNet's 1000 classes, so AlexNet-normalised (m)CE, "
+                 "which divides by AlexNet's ImageNet-C errors, would mean nothing here.")
+    elif "imagenet_c" in sets:
         note += (" mCE is AlexNet-normalised over the 15 ImageNet-C corruptions (Hendrycks & Dietterich 2019); mean "
                  "err is the unnormalised mean error, the number the Fast AdvProp reference code prints (over 19 "
                  "corruptions); the two are not comparable.")
@@ -85,10 +93,14 @@ def format_markdown(results: Dict) -> str:
                   f"(clean on the same images {_fmt(a['clean_top1'])}).", ""]
     if "imagenet_c" in sets:
         c = sets["imagenet_c"]
-        lines += [f"ImageNet-C (`{c['path']}`, {c['images']} images): top-1 error (%) per severity.", ""]
-        rows = [[name] + [_fmt(e) for e in v["errors"]] + [_fmt(v["error"]), _fmt(v["ce"]), _fmt(v["relative_ce"])]
+        normalised = c.get("alexnet_normalised", True)
+        title = "ImageNet-C" if normalised else "Corrupted set"
+        lines += [f"{title} (`{c['path']}`, {c['images']} images): top-1 error (%) per severity.", ""]
+        head = ["corruption", "1", "2", "3", "4", "5", "mean err ↓"] + (["CE ↓", "rel. CE ↓"] if normalised else [])
+        rows = [[name] + [_fmt(e) for e in v["errors"]] + [_fmt(v["error"])]
+                + ([_fmt(v["ce"]), _fmt(v["relative_ce"])] if normalised else [])
                 for name, v in c["corruptions"].items()]
-        lines += _table(["corruption", "1", "2", "3", "4", "5", "mean err ↓", "CE ↓", "rel. CE ↓"], rows) + [""]
+        lines += _table(head, rows) + [""]
     if "paper" in results:
         lines += paper_lines(results["paper"])
     return "\n".join(lines)

@@ -51,6 +51,7 @@ __all__ = ["FOLDER_SETS", "SuiteConfig", "evaluate_model", "run_suite", "DEFAULT
            "DEFAULT_INTERPOLATION"]
 
 DEFAULT_IMAGE_SIZE, DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION = 224, 0.875, "bilinear"
+IMAGENET_CLASSES = 1000
 
 
 # --------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def _resolve_classes(classes, info, data, num_classes) -> Optional[List[str]]:
             names = list_class_folders(folder)
             if len(names) == num_classes:
                 return names
-    if num_classes == 1000:
+    if num_classes == IMAGENET_CLASSES:
         from timm.data import ImageNetInfo
 
         return list(ImageNetInfo("imagenet-1k").label_names())
@@ -370,7 +371,9 @@ def _imagenet_c(context: _Context, root: str, clean_error: Optional[float]) -> D
     finally:
         if bar is not None:
             bar.close()
-    return {"path": root, "images": images, **corruption_summary(errors, clean_error)}
+    # AlexNet's errors normalise ImageNet-C only: a model of ImageNet's 1000 classes
+    normalised = context.num_classes == IMAGENET_CLASSES
+    return {"path": root, "images": images, **corruption_summary(errors, clean_error, alexnet_normalised=normalised)}
 
 
 # --------------------------------------------------------------------------------------
