@@ -61,6 +61,25 @@ def test_cli_and_reuse(data_idx_dir, tmp_path, capsys):
     assert "not a Fashion-MNIST copy" in capsys.readouterr().err
 
 
+def test_holdout_is_disjoint_from_train_and_balanced(data_idx_dir, tmp_path, capsys):
+    out = tmp_path / "fm"
+    counts = convert_fashion_mnist(str(out), src=str(data_idx_dir), max_train=20, holdout=20)
+    assert counts == {"train": 20, "val": 20, "holdout": 20}
+    train = {f for d in os.listdir(out / "train") for f in os.listdir(out / "train" / d)}
+    held = {f for d in os.listdir(out / "holdout") for f in os.listdir(out / "holdout" / d)}
+    assert len(train) == len(held) == 20 and not train & held
+    assert all(len(os.listdir(out / "holdout" / d)) == 2 for d in os.listdir(out / "holdout"))
+    # the next training images in file order: labels cycle 0..9, so train holds 0-19, holdout 20-39
+    assert held == {f"train_{i:05d}.png" for i in range(20, 40)}
+    with pytest.raises(ValueError, match="holdout=40: only 30"):
+        convert_fashion_mnist(str(tmp_path / "fm2"), src=str(data_idx_dir), max_train=20, holdout=40)
+    with pytest.raises(ValueError, match="needs max_train"):
+        convert_fashion_mnist(str(tmp_path / "fm3"), src=str(data_idx_dir), holdout=20)
+    args = ["data", "fashion-mnist", "--out", str(tmp_path / "fm4"), "--src", str(data_idx_dir), "--max-train", "20",
+            "--holdout", "10"]
+    assert fap_main(args) == 0 and "20 train, 20 val, 10 held-out training images" in capsys.readouterr().out
+
+
 def test_missing_files_name_the_debian_package(tmp_path, capsys):
     with pytest.raises(FileNotFoundError) as info:
         convert_fashion_mnist(str(tmp_path / "out"), src=str(tmp_path))

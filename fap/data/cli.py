@@ -84,13 +84,18 @@ def _add_fashion_mnist(parser: argparse.ArgumentParser) -> None:
                              f"package dataset-fashion-mnist)")
     parser.add_argument("--max-train", type=int, default=None, help="keep at most N training images (balanced)")
     parser.add_argument("--max-val", type=int, default=None, help="keep at most N validation images (balanced)")
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="also write holdout/: N more training images (balanced, disjoint from train/; needs "
+                             "--max-train), to choose schedules on without touching the test images in val/")
 
 
 def _run_fashion_mnist(args: argparse.Namespace) -> int:
     from fap.data.fashion_mnist import convert_fashion_mnist
 
-    counts = convert_fashion_mnist(args.out, src=args.src, max_train=args.max_train, max_val=args.max_val)
-    print(f"Fashion-MNIST ready in {os.path.abspath(args.out)}: {counts['train']} train, {counts['val']} val "
+    counts = convert_fashion_mnist(args.out, src=args.src, max_train=args.max_train, max_val=args.max_val,
+                                   holdout=args.holdout)
+    held = f", {counts['holdout']} held-out training" if "holdout" in counts else ""
+    print(f"Fashion-MNIST ready in {os.path.abspath(args.out)}: {counts['train']} train, {counts['val']} val{held} "
           f"images (32x32 RGB PNG, ImageNet layout)")
     return 0
 

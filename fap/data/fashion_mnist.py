@@ -79,6 +79,7 @@ def convert_fashion_mnist(
         src: str = DEFAULT_SRC,
         max_train: Optional[int] = None,
         max_val: Optional[int] = None,
+        holdout: int = 0,
 ) -> Dict[str, int]:
     """Write Fashion-MNIST as an ImageNet-layout folder of 32x32 RGB PNGs; reuse a complete copy.
 
@@ -87,19 +88,28 @@ def convert_fashion_mnist(
         src: directory holding the four idx files.
         max_train: keep at most this many training images, class-balanced, first in file order.
         max_val: the same for the validation (``t10k``) images.
+        holdout: also write ``holdout/``: this many more training images, class-balanced,
+            the next in file order after those of ``train/`` and disjoint from them: a
+            split of the *training* images on which to choose schedules, so that the test
+            images (``val/``) are used for the comparison alone.
 
     Returns:
-        Images written per split, e.g. ``{"train": 60000, "val": 10000}``.
+        Images written per split, e.g. ``{"train": 60000, "val": 10000}`` (and ``"holdout"``).
 
     Raises:
         FileNotFoundError: idx files missing (the message names the Debian package).
         FileExistsError: ``out_dir`` holds something else.
     """
     _check_src(src)
-    for key, limit in (("max_train", max_train), ("max_val", max_val)):
+    for key, limit in (("max_train", max_train), ("max_val", max_val)) + ((("holdout", holdout),) if holdout else ()):
         if limit is not None and limit < len(CLASSES):
             raise ValueError(f"{key}={limit}: keep at least {len(CLASSES)} images so every class has one")
+    if holdout and max_train is None:
+        raise ValueError(f"holdout={holdout} needs max_train: the held-out images are training images that "
+                         "train/ does not hold")
     settings = {"format": 1, "max_train": max_train, "max_val": max_val}
+    if holdout:
+        settings["holdout"] = int(holdout)
     out_dir = os.path.abspath(out_dir)
     marker = os.path.join(out_dir, MARKER)
     if os.path.isfile(marker):
@@ -118,6 +128,8 @@ def convert_fashion_mnist(
         counts = {}
         for split, limit in (("train", max_train), ("val", max_val)):
             counts[split] = _write_split(src, tmp, split, limit)
+        if holdout:
+            counts["holdout"] = _write_split(src, tmp, "train", holdout, skip=max_train, folder="holdout")
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"settings": settings, "counts": counts}, f, indent=1)
         if os.path.isdir(out_dir):
@@ -128,7 +140,10 @@ def convert_fashion_mnist(
     return counts
 
 
-def _write_split(src: str, root: str, split: str, limit: Optional[int]) -> int:
+def _write_split(src: str, root: str, split: str, limit: Optional[int], *, skip: Optional[int] = None,
+                 folder: Optional[str] = None) -> int:
+    """Write ``limit`` class-balanced images of the idx ``split`` to ``root/<folder or split>``;
+    ``skip``: leave out the first ``skip`` balanced ones (those another split holds)."""
     images_file, labels_file = (os.path.join(src, n) for n in IDX_FILES[split])
     images, labels = read_idx(images_file), read_idx(labels_file)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -136,13 +151,20 @@ def _write_split(src: str, root: str, split: str, limit: Optional[int]) -> int:
                          f"a labelled image set")
     if labels.max() >= len(CLASSES):
         raise ValueError(f"{labels_file}: label {labels.max()} outside Fashion-MNIST's {len(CLASSES)} classes")
+    out = folder or split
     folders = [f"{k}_{name}" for k, name in enumerate(CLASSES)]
-    for folder in folders:
-        os.makedirs(os.path.join(root, split, folder))
-    keep = _balanced_subset(labels, limit)
+    for name in folders:
+        os.makedirs(os.path.join(root, out, name))
+    if skip is None:
+        keep = _balanced_subset(labels, limit)
+    else:
+        rest = np.setdiff1d(np.arange(len(labels)), _balanced_subset(labels, skip))
+        keep = rest[_balanced_subset(labels[rest], limit)]
+        if len(keep) < limit:
+            raise ValueError(f"holdout={limit}: only {len(keep)} training images are left after the {skip} of train/")
     for i in keep:
         padded = np.pad(images[i], _PAD)
         rgb = np.repeat(padded[:, :, None], 3, axis=2)
-        Image.fromarray(rgb).save(os.path.join(root, split, folders[labels[i]], f"{split}_{i:05d}.png"))
+        Image.fromarray(rgb).save(os.path.join(root, out, folders[labels[i]], f"{split}_{i:05d}.png"))
     return int(len(keep))
 
