@@ -124,6 +124,12 @@ class ModelConfig:
         img_size: input size for models that need it (ViT); None = the model's default.
         drop_path_rate: stochastic depth.
         kwargs: more ``timm.create_model`` arguments, e.g. ``{"depth": 2, "patch_size": 8}``.
+        init_from: start from converged weights instead of random ones (fine-tuning, as
+            AdvProp does from vanilla models): a run directory (its newest complete
+            checkpoint), a checkpoint directory (``checkpoints/step_*``) or a ``.safetensors``
+            file (``fap export``'s). Weights without auxiliary norms give a dual-norm model
+            auxiliary norms copied from the main ones; a dual-norm run's go in as stored
+            (`fap.finetune`). A resumed run loads its checkpoint instead. None = random weights.
     """
     name: str = "resnet50"
     num_classes: Optional[int] = None
@@ -134,6 +140,7 @@ class ModelConfig:
     img_size: Optional[int] = None
     drop_path_rate: float = 0.0
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -697,6 +704,9 @@ def _check_values(cfg: TrainConfig) -> None:
     _require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps={t.max_steps}: expected None or an int >= 1")
     _require(t.eval_every >= 0, f"train.eval_every={t.eval_every}: expected an int >= 0")
     _require(t.dist_timeout_s >= 1, f"train.dist_timeout_s={t.dist_timeout_s}: expected an int >= 1 (seconds)")
+    _require(cfg.model.init_from is None or cfg.model.init_from.strip() != "",
+             "model.init_from='': give a run directory, checkpoint directory or .safetensors file, or leave it "
+             "unset (None) to start from random weights")
     _require(t.reference_epochs is None or t.reference_epochs >= 1,
              f"train.reference_epochs={t.reference_epochs}: expected None or an int >= 1")
     _require(o.lr > 0, f"optim.lr={o.lr}: expected a number > 0")

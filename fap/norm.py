@@ -51,6 +51,7 @@ __all__ = [
     "NORM_BRANCHES",
     "DualNorm",
     "convert_dual_norm",
+    "copy_main_to_aux",
     "dual_norm_modules",
     "has_batch_norm",
     "has_dual_norm",
@@ -375,6 +376,23 @@ def convert_dual_norm(model: nn.Module, *, aux_group_size: Optional[int] = None)
             "dual_norm=False (shared norms) instead."
         )
     return model
+
+
+def copy_main_to_aux(model: nn.Module) -> int:
+    """Make every auxiliary norm a copy of its main norm again (affine parameters, running
+    statistics, batch count); return how many layers were copied.
+
+    What `convert_dual_norm` does when it converts, done again after the main norms were
+    loaded from a model without auxiliary ones: fine-tuning a converged vanilla model with
+    dual norms (AdvProp, Xie et al., CVPR 2020) starts both branches from its norms.
+    """
+    marker = f"{AUX_NAME}."
+    layers = dual_norm_modules(model)
+    with torch.no_grad():
+        for m in layers:
+            main = {k: v for k, v in m.state_dict().items() if not k.startswith(marker)}
+            getattr(m, AUX_NAME).load_state_dict(main, strict=True)
+    return len(layers)
 
 
 def dual_norm_modules(model: nn.Module) -> List[DualNorm]:

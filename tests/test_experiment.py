@@ -138,8 +138,12 @@ def test_a_run_directory_made_with_another_config_is_refused_naming_the_key(tmp_
     # a key the record lacks (a field added to fap since the run) counts as its default, as on resume
     spec = run_spec(rp, options)
     del spec["config"]["method"]["random_init_prob"]
+    del spec["config"]["model"]["init_from"]  # (model.init_from, default None, came later than many runs)
     (rp.run_dir / "experiment.json").write_text(json.dumps(spec))
     assert check_run_dir(rp, run_spec(rp, options)) == "finished"
+    tuned = make_plan(_base(tmp_path), ARMS[:2], [0], out=tmp_path / "x", overrides=["--model.init_from=runs/base"])
+    with pytest.raises(ConfigError, match=r"model\.init_from: the run has None, this experiment 'runs/base'"):
+        check_run_dir(tuned.run("fast", 0), run_spec(tuned.run("fast", 0), options))
     # settings that cannot change the numbers do not count
     quiet = make_plan(_base(tmp_path), ARMS[:2], [0], out=tmp_path / "x", overrides=["--log.every_steps=7"])
     assert check_run_dir(quiet.run("fast", 0), run_spec(quiet.run("fast", 0), options)) == "finished"

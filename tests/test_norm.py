@@ -300,3 +300,25 @@ def test_branch_distance_is_zero_after_conversion_and_grows_with_aux_training():
     expected = float((a.running_mean - m.running_mean).norm() / m.running_mean.norm().clamp_min(1e-12))
     assert rows[0]["running_mean"] == pytest.approx(expected)
     assert rows[0]["running_var"] > 0
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "vit_tiny_patch16_224"])
+def test_copy_main_to_aux_makes_every_aux_norm_its_main_again(name):
+    """After the main norms move (trained, or loaded from a vanilla model), each aux norm
+    becomes a copy of its main one: affine parameters, running statistics, batch count."""
+    from fap.norm import copy_main_to_aux
+    _, dual = _pair(name)
+    dual.train()
+    with route(dual, "main"):
+        dual(torch.rand(4, 3, 32, 32))
+    with torch.no_grad():
+        for m in dual_norm_modules(dual):
+            m.weight.add_(1.0)
+    sd = dual.state_dict()
+    pairs = [(k, k.replace(f".{AUX_NAME}.", ".", 1)) for k in sd if f".{AUX_NAME}." in k]
+    assert any(not torch.equal(sd[a], sd[m]) for a, m in pairs)
+    assert copy_main_to_aux(dual) == len(dual_norm_modules(dual))
+    sd = dual.state_dict()
+    assert pairs and all(torch.equal(sd[a], sd[m]) for a, m in pairs)
+    aux = getattr(dual_norm_modules(dual)[0], AUX_NAME)
+    assert aux.weight.data_ptr() != dual_norm_modules(dual)[0].weight.data_ptr()  # copies, not shared

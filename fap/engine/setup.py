@@ -3,7 +3,8 @@
 Whatever can be checked before processes and DeepSpeed start is checked first (batch
 divisibility, the DeepSpeed file). Then the Accelerator, the run directory's lock (one
 writer per directory: `fap.engine.lock`), the checkpoint to resume and its config, the
-task's data and model (`fap.tasks`, picked by ``cfg.task``), the method, a timm optimizer
+task's data and model (`fap.tasks`, picked by ``cfg.task``) and, unless resuming, its
+starting weights (``model.init_from``: `fap.finetune`), the method, a timm optimizer
 (no weight decay on norms and biases), a timm schedule driven by the global update count
 (never ``prepare``-d, which would step it once per process), a timm ``ModelEmaV3``, the
 state saved with every checkpoint, and the update that matches the gradient-reduction path
@@ -16,7 +17,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -29,6 +30,7 @@ from fap.engine.distributed import configure_deepspeed, deepspeed_preflight, mai
 from fap.engine.lock import RunDirLock, hold_run_dir
 from fap.engine.state import MethodRNG
 from fap.engine.step import Update, make_update
+from fap.finetune import init_model, resolve_init
 from fap.methods import build_method
 from fap.methods.base import Method, StepCost
 from fap.tasks import Task, get_task
@@ -141,6 +143,7 @@ def build_run(config: TrainConfig, *, held: Optional[contextlib.ExitStack] = Non
     if held is not None and lock is not None:
         held.callback(lock.release)
     resume_from, resume_marker = _checked_resume(cfg, run_dir, world)
+    init = resolve_init(cfg.model.init_from) if resume_from is None else None  # a resumed run has its weights
     zero_stage = configure_deepspeed(accelerator, cfg, micro)
     check_compile(cfg.train.compile, zero_stage)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -155,7 +158,7 @@ def build_run(config: TrainConfig, *, held: Optional[contextlib.ExitStack] = Non
     data = main_process_first(accelerator, build)
     train_loader, eval_loader, num_classes = data.train, data.eval, data.num_classes
     warn_oversubscribed(accelerator, cfg.data.num_workers)
-    model = _build_model(cfg, task, num_classes)
+    model = _build_model(cfg, task, num_classes, init, accelerator.print)
     method, cost = _build_method(cfg, task, model, micro, num_classes)
     fsdp2 = using_fsdp2() and not deepspeed
     if fsdp2:  # before the optimizer: fully_shard replaces the parameters by sharded ones
@@ -195,6 +198,9 @@ def resume(run: Run) -> None:
     load_checkpoint(run.accelerator, run.resume_from, marker=run.resume_marker, sharded=run.sharded,
                     buffers=run.per_process)
     run.accelerator.print(f"resumed from {run.resume_from} (epoch {run.state.epoch}, step {run.state.step})")
+    if run.cfg.model.init_from:
+        run.accelerator.print(f"model.init_from={run.cfg.model.init_from} not loaded: the resumed checkpoint holds "
+                              "the run's weights")
     saved_world = int(run.resume_marker.get("world_size", run.world))
     if saved_world != run.world:
         run.accelerator.print(
@@ -252,10 +258,15 @@ def check_resume_config(marker: Dict[str, Any], cfg: TrainConfig, path: Path, wo
                           "resume with the launch that wrote it, or start from `fap export` of it")
 
 
-def _build_model(cfg: TrainConfig, task: Task, num_classes: int) -> torch.nn.Module:
-    """The task's model, then what the engine does to any model (memory format, compile)."""
+def _build_model(cfg: TrainConfig, task: Task, num_classes: int, init: Optional[Path],
+                 say: Callable[[str], None]) -> torch.nn.Module:
+    """The task's model, its starting weights (``model.init_from``: `fap.finetune`, before the
+    optimizer, ``prepare`` and the EMA see it), then what the engine does to any model
+    (memory format, compile)."""
     t = cfg.train
     model = task.build_model(cfg, num_classes)
+    if init is not None:
+        say(init_model(model, init))
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if t.compile:
