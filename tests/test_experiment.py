@@ -15,7 +15,7 @@ from scipy import stats
 from fap.checkpoint import list_checkpoints
 from fap.checks import ConfigError
 from fap.config import TrainConfig, apply_overrides
-from fap.experiment import Arm, Contrast, make_plan
+from fap.experiment import Arm, Contrast, Results, make_plan
 from fap.experiment.runner import check_run_dir, run_spec
 from fap.experiment.stats import analyse, detectable_difference, holm, mcnemar, paired
 
@@ -81,7 +81,137 @@ def test_analyse_corrects_secondary_contrasts_only():
     assert s1["resolved"] == (s1["holm"]["p_adjusted"] < 0.05)
 
 
+# Does dual - mixed grow with epsilon? (dual24 - mixed24) - (dual2 - mixed2), per seed.
+C = [70.9, 70.2, 71.6, 70.5, 70.8]
+D = [70.5, 70.4, 71.3, 70.1, 70.6]
+D_BY_HAND = [0.7, 0.0, 0.8, 0.5, 1.1]  # (A - B) - (C - D): (1.1 - 0.4, -0.2 + 0.2, 1.1 - 0.3, 0.9 - 0.4, 1.3 - 0.2)
+INTERACTION = Contrast("dual24", "mixed24", "top1", c="dual2", d="mixed2")
+
+
+def _values(metric="top1"):
+    return {(arm, metric): dict(enumerate(v)) for arm, v in
+            (("dual24", A), ("mixed24", B), ("dual2", C), ("mixed2", D))}
+
+
+def test_an_interaction_is_the_paired_t_test_on_the_difference_of_differences():
+    bits = {(arm, "top1"): {s: "1010" for s in range(5)} for arm in ("dual24", "mixed24", "dual2", "mixed2")}
+    (row,) = analyse([INTERACTION], _values(), bits)
+    ref = stats.ttest_1samp(D_BY_HAND, 0.0)
+    ci = ref.confidence_interval(0.95)
+    assert row["label"] == "(dual24 − mixed24) − (dual2 − mixed2)"
+    assert row["differences"] == pytest.approx(D_BY_HAND, abs=1e-12)
+    assert row["mean"] == pytest.approx(sum(D_BY_HAND) / 5)
+    assert row["p"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert row["interval"] == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert row["detectable"] == pytest.approx(detectable_difference(stats.tstd(D_BY_HAND), 5), rel=1e-6)
+    assert row["resolved"] == (ref.pvalue < 0.05 and ci.low > 0)
+    # per-image outcomes exist for all four arms, yet McNemar is not applicable, not computed on two of them
+    assert row["mcnemar"] is None and "not applicable" in row["mcnemar_note"]
+
+
+def test_holm_corrects_an_interaction_with_the_other_secondary_contrasts():
+    values = _values()
+    rows = analyse([Contrast("dual24", "mixed24", "top1", primary=True), Contrast("dual2", "mixed2", "top1"),
+                    INTERACTION], values, {})
+    primary, simple, interaction = rows
+    p_simple = stats.ttest_rel(C, D).pvalue
+    p_interaction = stats.ttest_1samp(D_BY_HAND, 0.0).pvalue
+    expected = holm([p_simple, p_interaction])
+    assert "holm" not in primary
+    for row, h, d in ((simple, expected[0], [c - d for c, d in zip(C, D)]), (interaction, expected[1], D_BY_HAND)):
+        assert row["holm"]["p_adjusted"] == pytest.approx(h["p_adjusted"], rel=1e-9)
+        assert row["holm"]["alpha"] == pytest.approx(h["alpha"]) and row["holm"]["rejected"] == h["rejected"]
+        ci = stats.ttest_1samp(d, 0.0).confidence_interval(1 - h["alpha"])
+        assert row["level"] == pytest.approx(1 - h["alpha"])
+        assert row["interval"] == pytest.approx((ci.low, ci.high), rel=1e-9)
+        assert row["resolved"] == (h["rejected"] and not ci.low <= 0 <= ci.high)
+
+
+def test_a_contrast_on_a_metric_an_arm_lacks_names_the_arm_and_its_metrics():
+    values = {**_values(), **{(arm, "clean_main"): {0: 70.0, 1: 71.0} for arm in ("dual24", "dual2")}}
+    with pytest.raises(ConfigError, match=r"contrast dual24:mixed24:dual2:mixed2:clean_main .*"
+                                          r"no run of arm 'mixed24', 'mixed2' measured 'clean_main' "
+                                          r"\('mixed24' has top1; 'mixed2' has top1\)"):
+        analyse([Contrast("dual24", "mixed24", "clean_main", c="dual2", d="mixed2")], values, {})
+    with pytest.raises(ConfigError, match=r"contrast dual24:mixed24:top5 \(dual24 − mixed24\): no run of arm "
+                                          r"'dual24', 'mixed24' measured 'top5'"):
+        analyse([Contrast("dual24", "mixed24", "top5")], values, {})
+
+
+# -- results and their report ---------------------------------------------------------------
+
+FOUR_ARMS = tuple(Arm(name, ("--method", "vanilla")) for name in ("dual24", "mixed24", "dual2", "mixed2"))
+
+
+def _results(tmp_path, contrasts, extra=lambda arm, seed: {}) -> Results:
+    """Results read back from measurements.json files written by hand: no training."""
+    plan = make_plan(_base(tmp_path), FOUR_ARMS, range(5), out=tmp_path / "exp", protocol="equal-epochs",
+                     contrasts=contrasts)
+    columns = dict(zip((a.name for a in FOUR_ARMS), (A, B, C, D)))
+    for rp in plan.runs:
+        rp.run_dir.mkdir(parents=True)
+        metrics = {"top1": columns[rp.arm][rp.seed], **extra(rp.arm, rp.seed)}
+        (rp.run_dir / "measurements.json").write_text(json.dumps(
+            {"metrics": metrics, "per_image": {"top1": "0110"}, "run": {"epochs": 12, "cost_ratio_run": 1.0}}))
+    return Results.collect(plan)
+
+
+def test_the_report_shows_an_interaction_with_mcnemar_not_applicable(tmp_path):
+    results = _results(tmp_path, [Contrast("dual24", "mixed24", "top1", primary=True), INTERACTION])
+    results.write()
+    report = (tmp_path / "exp" / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| (dual24 − mixed24) − (dual2 − mixed2) |"))
+    assert "| n/a |" in row and "+0.62" in row  # mean of D_BY_HAND
+    assert "per image (McNemar) is not applicable to an interaction" in report
+    simple = next(line for line in report.splitlines() if line.startswith("| dual24 − mixed24 |"))
+    assert "0 vs 0 of 20" in simple  # the two-arm contrast keeps its McNemar test
+    saved = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert [(c["label"], c["c"], c["mcnemar"]) for c in saved["contrasts"]] == [
+        ("dual24 − mixed24", None, {"images": 20, "a_only": 0, "b_only": 0, "p": 1.0}),
+        ("(dual24 − mixed24) − (dual2 − mixed2)", "dual2", None)]
+    assert results.contrast("dual24", "mixed24", "top1", "dual2", "mixed2")["mean"] == pytest.approx(0.62)
+    with pytest.raises(KeyError, match="dual2:mixed2:top1 was not declared"):
+        results.contrast("dual2", "mixed2", "top1")
+    # the plot's contrast panel labels it with both differences
+    from fap.experiment.plot import contrast_label
+
+    assert contrast_label(saved["contrasts"][1]) == "(dual24 − mixed24)\n− (dual2 − mixed2)\n(secondary)"
+    assert (tmp_path / "exp" / "results.png").stat().st_size > 0
+
+
+def test_an_arm_without_a_metric_other_arms_have_gets_a_dash_in_the_arm_table(tmp_path):
+    results = _results(tmp_path, [INTERACTION], extra=lambda arm, seed: {"pgd_top1": 40.0 + seed} if
+                       arm.startswith("dual") else {})
+    table = results.arm_table().splitlines()
+    assert "PGD top-1 (%)" in table[0]
+    assert table[2].startswith("| dual24 |") and "42.00 ± 1.58" in table[2]
+    assert table[3].startswith("| mixed24 |") and table[3].endswith("| – |")
+    results.plot(tmp_path / "plot.png")
+    with pytest.raises(ConfigError, match="no run of arm 'mixed24' measured 'pgd_top1'"):
+        results.difference("dual24", "mixed24", "pgd_top1")
+
+
 # -- the plan -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, want", [
+    ("fast:vanilla:top1", Contrast("fast", "vanilla", "top1", primary=True)),
+    (" dual24 : mixed24:dual2:mixed2:top1", Contrast("dual24", "mixed24", "top1", True, "dual2", "mixed2")),
+])
+def test_contrasts_parse_from_the_command_line(text, want):
+    got = Contrast.parse(text, primary=True)
+    assert got == want and Contrast.parse(got.spec, primary=True) == got
+
+
+@pytest.mark.parametrize("text", ["fast:vanilla", "a:b:c:top1", "a:b:c:d:e:top1", "a::top1", "a:b:c: :top1"])
+def test_a_bad_contrast_spec_shows_both_forms(text):
+    with pytest.raises(ConfigError, match=r"--secondary .*ARM_A:ARM_B:METRIC .*ARM_A:ARM_B:ARM_C:ARM_D:METRIC"):
+        Contrast.parse(text, primary=False)
+
+
+def test_an_interaction_needs_both_c_and_d():
+    with pytest.raises(ConfigError, match="give both c and d"):
+        Contrast("a", "b", "top1", c="x")
+
 
 def _base(tmp_path) -> TrainConfig:
     return apply_overrides(TrainConfig(), ["--data.source=folder", f"--data.path={tmp_path}", "--train.epochs=12",
@@ -111,6 +241,10 @@ def test_equal_compute_takes_epochs_and_milestones_from_the_cost_ledger(tmp_path
 @pytest.mark.parametrize("bad, words", [
     (dict(overrides=["--train.epochs=3"]), "train.epochs is set by the protocol"),
     (dict(contrasts=[Contrast("fast", "nope", "top1")]), "no arm named 'nope'"),
+    (dict(contrasts=[Contrast("fast", "vanilla", "top1", c="advprop", d="nope")]),
+     "contrast fast:vanilla:advprop:nope:top1: no arm named 'nope'"),
+    (dict(contrasts=[Contrast("fast", "vanilla", "top1", c="advprop", d="advprop")]), "an arm against itself"),
+    (dict(contrasts=[Contrast("fast", "vanilla", "top1", c="fast", d="vanilla")]), "the same A − B twice"),
     (dict(protocol="equal-time"), "equal-epochs, equal-compute"),
 ])
 def test_plan_mistakes_are_named(tmp_path, bad, words):
@@ -261,7 +395,7 @@ def test_compare_help_documents_the_feature(capsys):
     text = capsys.readouterr().out
     for words in ("equal-epochs", "equal-compute", "matched_budget", "--jobs", "resumes unfinished", "another config",
                   "McNemar", "Holm", "detects", "training", "results.json", "report.md", "results.png", "--launcher",
-                  "fap.experiment.run"):
+                  "fap.experiment.run", "A:B:C:D:METRIC", "(A - B) - (C - D)"):
         assert words in text, words
 
 

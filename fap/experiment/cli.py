@@ -50,6 +50,12 @@ the smallest difference the design detects with 80 % power. Primary contrasts at
 secondary ones Holm-corrected as one family. A difference is resolved only when its interval
 excludes 0 after correction.
 
+Interactions: A:B:C:D:METRIC is the difference of differences (A - B) - (C - D) per seed, e.g.
+does dual - mixed grow with epsilon: --secondary dual24:mixed24:dual2:mixed2:top1. It gets the
+same seed-level statistics; McNemar does not apply to it (n/a). Every arm of a contrast must
+have its metric: one that some arm's runs lack (a --measure that returns nothing for it) is an
+error naming the arm and its metrics, after the runs, which are kept for the corrected contrast.
+
 Metrics: top1, top5, train_top1, corruption_error (unnormalised mean error over the corrupted
 copy), mce, pgd_top1, map, map_corrupted, any eval/<set>/<metric> key of the final
 evaluation, and what --measure returns.
@@ -74,10 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long each arm trains (default: equal-compute)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="vanilla's epochs (default: the base config's train.reference_epochs or train.epochs)")
-    parser.add_argument("--primary", action="append", default=[], metavar="A:B:METRIC",
-                        help="a primary contrast, A minus B on METRIC, tested at 95 %% (repeat; at most a few)")
-    parser.add_argument("--secondary", action="append", default=[], metavar="A:B:METRIC",
-                        help="a secondary contrast, Holm-corrected with the other secondary ones (repeat)")
+    parser.add_argument("--primary", action="append", default=[], metavar="A:B[:C:D]:METRIC",
+                        help="a primary contrast, A minus B on METRIC (A:B:METRIC), or the interaction "
+                             "(A - B) - (C - D) (A:B:C:D:METRIC), tested at 95 %% (repeat; at most a few)")
+    parser.add_argument("--secondary", action="append", default=[], metavar="A:B[:C:D]:METRIC",
+                        help="a secondary contrast, A:B:METRIC or A:B:C:D:METRIC, Holm-corrected with the other "
+                             "secondary ones (repeat)")
     parser.add_argument("--out", default="runs/compare", help="the experiment folder (default: runs/compare)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
     parser.add_argument("--launcher", default="", metavar="COMMAND",

@@ -11,8 +11,9 @@ arm's length from one vanilla schedule:
   for Fast AdvProp at p_adv = 0.2; Mei et al., ICLR 2022, Sec. 4.1).
 
 So the protocol owns ``train.epochs``, ``train.reference_epochs`` and ``sched.milestones``;
-an override of them is refused. Contrasts (arm A - arm B on a metric) are declared with the
-plan, primary or secondary, before anything runs.
+an override of them is refused. Contrasts (arm A - arm B on a metric, or the interaction
+(A - B) - (C - D): does A's lead over B change from C's over D?) are declared with the plan,
+primary or secondary, before anything runs.
 """
 from __future__ import annotations
 
@@ -60,24 +61,57 @@ class Arm:
 
 @dataclass(frozen=True)
 class Contrast:
-    """Arm ``a`` minus arm ``b`` on ``metric``, paired by seed; declared ``primary`` or secondary."""
+    """Arm ``a`` minus arm ``b`` on ``metric``, paired by seed; declared ``primary`` or secondary.
+
+    With ``c`` and ``d`` (both or neither) it is the interaction (difference of differences)
+    ``(a - b) - (c - d)``, per seed: e.g. whether dual - mixed grows from ε = 2 to ε = 24,
+    ``Contrast("dual24", "mixed24", "top1", c="dual2", d="mixed2")``.
+    """
     a: str
     b: str
     metric: str
     primary: bool = False
+    c: Optional[str] = None
+    d: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if (self.c is None) != (self.d is None):
+            raise ConfigError(f"contrast {self.spec}: give both c and d (the interaction (A − B) − (C − D)) "
+                              "or neither (A − B)")
+
+    @property
+    def interaction(self) -> bool:
+        """True for ``(a - b) - (c - d)``."""
+        return self.c is not None
+
+    @property
+    def arms(self) -> Tuple[str, ...]:
+        return (self.a, self.b, self.c, self.d) if self.interaction else (self.a, self.b)
 
     @property
     def label(self) -> str:
+        if self.interaction:
+            return f"({self.a} − {self.b}) − ({self.c} − {self.d})"
         return f"{self.a} − {self.b}"
+
+    @property
+    def spec(self) -> str:
+        """The ``A:B[:C:D]:METRIC`` text it is parsed from."""
+        return ":".join([a for a in (self.a, self.b, self.c, self.d) if a is not None] + [self.metric])
 
     @classmethod
     def parse(cls, text: str, *, primary: bool) -> "Contrast":
-        """``"A:B:METRIC"`` (the ``fap compare --primary/--secondary`` syntax)."""
-        parts = text.split(":")
-        if len(parts) != 3 or not all(p.strip() for p in parts):
+        """``"A:B:METRIC"`` or ``"A:B:C:D:METRIC"`` (the ``fap compare --primary/--secondary`` syntax)."""
+        parts = [p.strip() for p in text.split(":")]
+        if len(parts) not in (3, 5) or not all(parts):
             flag = "--primary" if primary else "--secondary"
-            raise ConfigError(f"{flag} {text!r}: write ARM_A:ARM_B:METRIC (A minus B), e.g. fast:vanilla:top1")
-        return cls(*(p.strip() for p in parts), primary=primary)
+            raise ConfigError(f"{flag} {text!r}: write ARM_A:ARM_B:METRIC (A minus B), e.g. fast:vanilla:top1, or "
+                              "ARM_A:ARM_B:ARM_C:ARM_D:METRIC ((A − B) − (C − D), per seed), e.g. "
+                              "dual24:mixed24:dual2:mixed2:top1")
+        if len(parts) == 3:
+            return cls(*parts, primary=primary)
+        a, b, c, d, metric = parts
+        return cls(a, b, metric, primary, c, d)
 
 
 @dataclass(frozen=True)
@@ -128,7 +162,7 @@ def make_plan(
         seeds: the seeds; every arm runs every seed (``train.seed``).
         out: the experiment folder; runs go to ``out/runs/<arm>/seed<S>``.
         protocol: ``equal-epochs`` or ``equal-compute``.
-        contrasts: the declared contrasts; their arms must exist.
+        contrasts: the declared contrasts; their arms must exist, A ≠ B and C ≠ D.
         overrides: ``--section.key=value`` applied to every arm before its own.
         smoke: the recipe's smoke transformation, applied to the base first.
         epochs: vanilla's epochs; default the vanilla config's ``train.reference_epochs``
@@ -167,12 +201,14 @@ def _check_names(arms: Tuple[Arm, ...], seeds: Tuple[int, ...], contrasts: Seque
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds {list(seeds)}: give at least one seed, each once")
     for c in contrasts:
-        for side in (c.a, c.b):
+        for side in c.arms:
             if side not in names:
-                raise ConfigError(f"contrast {c.a}:{c.b}:{c.metric}: no arm named {side!r}; the arms are "
-                                  f"{', '.join(names)}")
-        if c.a == c.b:
-            raise ConfigError(f"contrast {c.a}:{c.b}:{c.metric}: an arm against itself")
+                raise ConfigError(f"contrast {c.spec}: no arm named {side!r}; the arms are {', '.join(names)}")
+        if c.a == c.b or (c.interaction and c.c == c.d):
+            raise ConfigError(f"contrast {c.spec}: an arm against itself")
+        if c.interaction and (c.a, c.b) == (c.c, c.d):
+            raise ConfigError(f"contrast {c.spec}: (A − B) − (C − D) with the same A − B twice is 0 on every seed; "
+                              "name two different differences")
 
 
 def _config(base: Base, argv: List[str], smoke) -> TrainConfig:

@@ -3,14 +3,15 @@
 Top row, one panel per metric: each seed's value as a dot, the arm's mean with its 95 % t
 interval beside them. Bottom row: each declared contrast on that metric as its mean with its
 interval (the corrected level for secondary ones) and its per-seed differences, around a
-line at 0, labelled ``A − B`` and its role. Axes are labelled with the metric.
+line at 0, labelled ``A − B`` (an interaction ``(A − B) − (C − D)``) and its role. Axes are
+labelled with the metric.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["plot_results"]
+__all__ = ["plot_results", "contrast_label"]
 
 
 def plot_results(results, path: Path) -> Optional[Path]:
@@ -64,7 +65,7 @@ def _contrast_panel(ax, contrasts, title: str) -> None:
             lo, hi = c["interval"]
             ax.errorbar(k + 0.12, c["mean"], yerr=[[c["mean"] - lo], [hi - c["mean"]]], fmt="o", ms=6, capsize=4,
                         color="C3" if c["resolved"] else "C7", zorder=2)
-        labels.append(f"{c['a']} − {c['b']}\n({'primary' if c['primary'] else 'secondary'})")
+        labels.append(contrast_label(c))
     if not contrasts:
         ax.text(0.5, 0.5, "no contrast on this metric", ha="center", va="center", transform=ax.transAxes)
     ax.set_xticks(range(len(contrasts)), labels, fontsize=7)
@@ -72,3 +73,9 @@ def _contrast_panel(ax, contrasts, title: str) -> None:
     ax.set_ylabel(f"difference in {title}")
     ax.set_title("paired differences: seeds, mean, interval (red: resolved)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
+
+
+def contrast_label(c) -> str:
+    """A contrast's tick label: ``A − B`` (an interaction's two differences on two lines), then its role."""
+    label = f"({c['a']} − {c['b']})\n− ({c['c']} − {c['d']})" if c.get("c") else f"{c['a']} − {c['b']}"
+    return f"{label}\n({'primary' if c['primary'] else 'secondary'})"

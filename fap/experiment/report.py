@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from fap.experiment.metrics import title as _title
-from fap.experiment.plan import Plan
-from fap.experiment.stats import ALPHA, POWER, analyse, describe, paired
+from fap.experiment.plan import Contrast, Plan
+from fap.experiment.stats import ALPHA, POWER, analyse, check_metrics, describe, paired, sides
 
 __all__ = ["Results", "load_results"]
 
@@ -44,7 +44,8 @@ class Results:
         info = {"out": str(plan.out), "protocol": plan.protocol, "seeds": list(plan.seeds),
                 "vanilla_epochs": plan.vanilla_epochs, "vanilla_milestones": list(plan.vanilla_milestones),
                 "arms": [{"name": a.name, "overrides": list(a.overrides)} for a in plan.arms],
-                "contrasts": [{"a": c.a, "b": c.b, "metric": c.metric, "primary": c.primary} for c in plan.contrasts],
+                "contrasts": [{"a": c.a, "b": c.b, "c": c.c, "d": c.d, "metric": c.metric, "primary": c.primary}
+                              for c in plan.contrasts],
                 "alpha": ALPHA, "power": POWER}
         return cls(info, runs)
 
@@ -74,15 +75,23 @@ class Results:
             out["interval"] = (float(ci.low), float(ci.high))
         return out
 
-    def contrast(self, a: str, b: str, metric: str) -> Dict[str, Any]:
-        """A declared contrast's statistics (KeyError if it was not declared)."""
-        return next(c for c in self.contrasts if (c["a"], c["b"], c["metric"]) == (a, b, metric))
+    def contrast(self, a: str, b: str, metric: str, c: Optional[str] = None, d: Optional[str] = None) -> Dict[str, Any]:
+        """A declared contrast's statistics, ``a - b`` or with ``c``, ``d`` the interaction
+        ``(a - b) - (c - d)`` (KeyError if it was not declared)."""
+        key = (a, b, c, d, metric)
+        for r in self.contrasts:
+            if (r["a"], r["b"], r.get("c"), r.get("d"), r["metric"]) == key:
+                return r
+        raise KeyError(f"{Contrast(a, b, metric, c=c, d=d).spec} was not declared; the contrasts are "
+                       f"{', '.join(_spec(r) for r in self.contrasts) or 'none'}")
 
-    def difference(self, a: str, b: str, metric: str) -> Dict[str, Any]:
-        """Any paired difference, undeclared (uncorrected, exploratory)."""
-        x, y = self.values[(a, metric)], self.values[(b, metric)]
-        seeds = sorted(set(x) & set(y))
-        return {"seeds": seeds, **paired([x[s] for s in seeds], [y[s] for s in seeds])}
+    def difference(self, a: str, b: str, metric: str, c: Optional[str] = None, d: Optional[str] = None
+                   ) -> Dict[str, Any]:
+        """Any paired difference (or interaction with ``c``, ``d``), undeclared: uncorrected, exploratory."""
+        contrast = Contrast(a, b, metric, c=c, d=d)
+        check_metrics([contrast], self.values)
+        seeds, x, y = sides(contrast, self.values)
+        return {"seeds": seeds, "label": contrast.label, **paired(x, y)}
 
     def to_dict(self) -> Dict[str, Any]:
         arms = {a: {m: self.arm(a, m) for m in self.metrics() if (a, m) in self.values} for a in self.arms}
@@ -97,7 +106,7 @@ class Results:
 
     def headline(self) -> str:
         """The arms' table and the contrasts' table, as printed at the end of ``fap compare``."""
-        return "\n\n".join([self.arm_table(), self.contrast_table()])
+        return "\n\n".join(t for t in (self.arm_table(), self.contrast_table(), self.notes()) if t)
 
     def arm_table(self) -> str:
         metrics = self.metrics()
@@ -124,6 +133,15 @@ class Results:
             lines.append("| " + " | ".join(_contrast_cells(c)) + " |")
         return "\n".join(lines)
 
+    def notes(self) -> str:
+        """What the contrast table leaves out and why (empty when nothing is)."""
+        notes = []
+        for c in self.contrasts:
+            if c.get("mcnemar_note"):
+                notes.append(f"- {c['label']} on {_title(c['metric'])}: per image (McNemar) is {c['mcnemar_note']}. "
+                             "Its verdict rests on the seed-level interval, as every contrast's does.")
+        return "\n".join(["Notes:", *notes]) if notes else ""
+
     def markdown(self) -> str:
         p = self.plan
         arms = "\n".join(f"- `{a['name']}`: `{' '.join(a['overrides']) or '(the base config)'}`" for a in p["arms"])
@@ -135,7 +153,7 @@ class Results:
             "Arms (overrides on the base config):", arms, "",
             "## Arms", "", "Mean ± sd over seeds, then every seed.", "", self.arm_table(), "",
             "## Contrasts", "", DECISION_RULE, "", self.contrast_table(), "",
-        ])
+        ] + ([self.notes(), ""] if self.notes() else []))
 
     def plot(self, path: Path) -> Optional[Path]:
         from fap.experiment.plot import plot_results
@@ -144,7 +162,8 @@ class Results:
 
 
 DECISION_RULE = (
-    "A − B per seed, paired (same seed: same initial weights and data order). *Interval*: the t "
+    "A − B per seed, paired (same seed: same initial weights and data order); an interaction "
+    "(A − B) − (C − D) is that difference of differences per seed, analysed the same way. *Interval*: the t "
     f"interval of the mean difference, {100 * (1 - ALPHA):.0f} % for primary contrasts, at Holm's level for "
     "secondary ones (declared before the runs, corrected as one family). A difference is **resolved** when "
     "its interval excludes 0 after correction. *Per image*: exact McNemar test on clean top-1 outcomes pooled "
@@ -155,10 +174,12 @@ DECISION_RULE = (
 )
 
 
-def _contrasts(plan: Dict[str, Any]):
-    from fap.experiment.plan import Contrast
+def _contrasts(plan: Dict[str, Any]) -> List[Contrast]:
+    return [Contrast(c["a"], c["b"], c["metric"], c["primary"], c.get("c"), c.get("d")) for c in plan["contrasts"]]
 
-    return [Contrast(c["a"], c["b"], c["metric"], c["primary"]) for c in plan["contrasts"]]
+
+def _spec(row: Dict[str, Any]) -> str:
+    return Contrast(row["a"], row["b"], row["metric"], c=row.get("c"), d=row.get("d")).spec
 
 
 def _contrast_cells(c: Dict[str, Any]) -> List[str]:
@@ -175,10 +196,12 @@ def _contrast_cells(c: Dict[str, Any]) -> List[str]:
         detectable = f"{c['detectable']:.2f}"
         verdict = "**resolved**" if c["resolved"] else f"not resolved (detects ≥ {c['detectable']:.2f})"
     m = c.get("mcnemar")
-    image = "–" if not m else f"{m['a_only']} vs {m['b_only']} of {m['images']}, p {_p(m['p'])}"
+    if c.get("mcnemar_note"):
+        image = "n/a"
+    else:
+        image = "–" if not m else f"{m['a_only']} vs {m['b_only']} of {m['images']}, p {_p(m['p'])}"
     mean = "–" if c["n"] == 0 else f"{c['mean']:+.2f}"
-    return [c["a"] + " − " + c["b"], _title(c["metric"]), role, seeds, mean, interval, p, holm, image, detectable,
-            verdict]
+    return [c["label"], _title(c["metric"]), role, seeds, mean, interval, p, holm, image, detectable, verdict]
 
 
 def _mean_sd(s: Dict[str, Any]) -> str:

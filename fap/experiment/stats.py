@@ -15,6 +15,10 @@ contrast (arm A - arm B on a metric) is analysed on the per-seed differences ``d
   level, from the spread of ``d`` (noncentral t, ``scipy.stats.nct``), so that "not
   detectable here" and "absent" can be told apart.
 
+An interaction (A - B) - (C - D) gets the same seed-level analysis of its per-seed
+``d = (A - B) - (C - D)``; McNemar does not apply to it (it pairs two arms' outcomes per
+image) and is reported as not applicable.
+
 Primary contrasts are tested at ``alpha`` each; secondary ones are Holm-corrected as one
 family (Holm, Scand. J. Statist. 1979): the k-th smallest p of m is tested at
 ``alpha / (m - k + 1)``, stopping at the first that fails, and its interval is reported at
@@ -25,10 +29,15 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["ALPHA", "POWER", "describe", "paired", "mcnemar", "holm", "detectable_difference", "analyse"]
+from fap.checks import ConfigError
+
+__all__ = ["ALPHA", "POWER", "MCNEMAR_INTERACTION", "describe", "paired", "mcnemar", "holm", "detectable_difference",
+           "sides", "check_metrics", "analyse"]
 
 ALPHA = 0.05
 POWER = 0.8
+MCNEMAR_INTERACTION = ("not applicable to an interaction (A − B) − (C − D): McNemar pairs two arms' outcomes on "
+                       "each image, and a difference of differences has no such pairs")
 
 
 def describe(values: Sequence[float]) -> Dict:
@@ -118,38 +127,67 @@ def holm(pvalues: Sequence[float], *, alpha: float = ALPHA) -> List[Dict]:
     return out  # type: ignore[return-value]
 
 
+def sides(contrast, values) -> Tuple[List[int], List[float], List[float]]:
+    """The seeds every arm of ``contrast`` was measured on, and per seed the two values it
+    subtracts: A and B, or A - B and C - D for an interaction (so `paired` gives its ``d``)."""
+    by_arm = [values.get((arm, contrast.metric), {}) for arm in contrast.arms]
+    seeds = sorted(set.intersection(*(set(v) for v in by_arm)))
+    if not contrast.interaction:
+        a, b = by_arm
+        return seeds, [a[s] for s in seeds], [b[s] for s in seeds]
+    a, b, c, d = by_arm
+    return seeds, [a[s] - b[s] for s in seeds], [c[s] - d[s] for s in seeds]
+
+
+def check_metrics(contrasts, values) -> None:
+    """`ConfigError` naming a contrast whose metric one of its arms has in none of its runs,
+    with the metrics that arm has."""
+    for c in contrasts:
+        lacking = [arm for arm in dict.fromkeys(c.arms) if not values.get((arm, c.metric))]
+        if lacking:
+            has = "; ".join(f"{arm!r} has {', '.join(sorted(m for (x, m) in values if x == arm)) or 'none'}"
+                            for arm in lacking)
+            raise ConfigError(f"contrast {c.spec} ({c.label}): no run of arm {', '.join(map(repr, lacking))} "
+                              f"measured {c.metric!r} ({has}); name a metric every arm of the contrast has "
+                              "(finished runs are kept: start the experiment again to read them back)")
+
+
 def analyse(contrasts, values, per_image, *, alpha: float = ALPHA) -> List[Dict]:
-    """Every declared contrast, corrected as the module docstring says.
+    """Every declared contrast, corrected as the module docstring says; `ConfigError` if one
+    names a metric that one of its arms lacks (`check_metrics`).
 
     Args:
         contrasts: `fap.experiment.Contrast` objects.
         values: ``values[(arm, metric)] = {seed: value}``.
         per_image: ``per_image[(arm, metric)] = {seed: "0101..."}`` where measured.
     """
+    check_metrics(contrasts, values)
     rows = []
     for c in contrasts:
-        a, b = values.get((c.a, c.metric), {}), values.get((c.b, c.metric), {})
-        seeds = sorted(set(a) & set(b))
-        row = {"a": c.a, "b": c.b, "metric": c.metric, "primary": c.primary, "seeds": seeds,
-               **paired([a[s] for s in seeds], [b[s] for s in seeds], level=1 - alpha)}
-        pa, pb = per_image.get((c.a, c.metric), {}), per_image.get((c.b, c.metric), {})
-        both = [s for s in seeds if s in pa and s in pb]
-        row["mcnemar"] = mcnemar([(pa[s], pb[s]) for s in both]) if both else None
-        rows.append(row)
-    secondary = [r for r in rows if not r["primary"] and r["p"] is not None]
-    for r, h in zip(secondary, holm([r["p"] for r in secondary], alpha=alpha)):
+        seeds, x, y = sides(c, values)
+        row = {"a": c.a, "b": c.b, "c": c.c, "d": c.d, "label": c.label, "metric": c.metric, "primary": c.primary,
+               "seeds": seeds, **paired(x, y, level=1 - alpha), "mcnemar": None, "mcnemar_note": None}
+        if c.interaction:
+            row["mcnemar_note"] = MCNEMAR_INTERACTION
+        else:
+            pa, pb = per_image.get((c.a, c.metric), {}), per_image.get((c.b, c.metric), {})
+            both = [s for s in seeds if s in pa and s in pb]
+            row["mcnemar"] = mcnemar([(pa[s], pb[s]) for s in both]) if both else None
+        rows.append((c, row))
+    secondary = [(c, r) for c, r in rows if not r["primary"] and r["p"] is not None]
+    for (c, r), h in zip(secondary, holm([r["p"] for _, r in secondary], alpha=alpha)):
         r["holm"] = h
-        a, b = values[(r["a"], r["metric"])], values[(r["b"], r["metric"])]
-        again = paired([a[s] for s in r["seeds"]], [b[s] for s in r["seeds"]], level=1 - h["alpha"])
+        _, x, y = sides(c, values)
+        again = paired(x, y, level=1 - h["alpha"])
         r.update(level=again["level"], interval=again["interval"], detectable=again["detectable"])
-    for r in rows:
+    for _, r in rows:
         if r["p"] is None:
             r["resolved"] = False
         elif r["primary"]:
             r["resolved"] = r["p"] < alpha and not _straddles(r["interval"])
         else:
             r["resolved"] = r["holm"]["rejected"] and not _straddles(r["interval"])
-    return rows
+    return [r for _, r in rows]
 
 
 def _straddles(interval: Tuple[float, float]) -> bool:
