@@ -184,13 +184,39 @@ def finetune_config(paths: Dict[str, str], size: Size, base: Path, lr: float, va
     return config
 
 
-def run_pilots(paths: Dict[str, str], size: Size, work: Path) -> Dict[float, object]:
-    """The held-out pilots that choose the fine-tune learning rate (seed `PILOT_SEED`)."""
+def run_pilots(paths: Dict[str, str], size: Size, work: Path) -> Dict[float, Optional[object]]:
+    """The held-out pilots that choose the fine-tune learning rate (seed `PILOT_SEED`);
+    None for a learning rate at which a pilot run failed (e.g. stopped on a non-finite loss)."""
+    from fap.experiment.runner import ExperimentError
+
     arms = [a for a in ARMS if a.name in PILOT_ARMS]
-    return {lr: fap.experiment.run(finetune_config(paths, size, base_dir(work, size), lr, "holdout"), arms,
-                                   [PILOT_SEED], out=work / f"pilot_lr{lr:g}", protocol="equal-epochs",
-                                   epochs=size.finetune_epochs, jobs=size.jobs, train_images=None, quiet=True)
-            for lr in FINETUNE_LRS}
+    out = {}
+    for lr in FINETUNE_LRS:
+        try:
+            out[lr] = fap.experiment.run(finetune_config(paths, size, base_dir(work, size), lr, "holdout"), arms,
+                                         [PILOT_SEED], out=work / f"pilot_lr{lr:g}", protocol="equal-epochs",
+                                         epochs=size.finetune_epochs, jobs=size.jobs, train_images=None,
+                                         progress=False, quiet=True)
+        except ExperimentError as e:
+            print(f"pilot at lr {lr:g} failed: {e}")
+            out[lr] = None
+    return out
+
+
+def choose_lr(pilots: Dict[float, Optional[object]], base_holdout: float) -> Tuple[float, List[str]]:
+    """The plan's rule: the larger learning rate unless, at it, vanilla-continue ends more than
+    0.5 points below the base on the held-out images, or a pilot run failed or ended below 80 %."""
+    low, high = min(FINETUNE_LRS), max(FINETUNE_LRS)
+    r = pilots.get(high)
+    if r is None:
+        return low, [f"a pilot at {high:g} failed"]
+    top1 = {a: r.arm(a, "top1")["values"][0] for a in PILOT_ARMS}
+    reasons = []
+    if top1["continue"] < base_holdout - 0.5:
+        reasons.append(f"continue at {high:g} ends at {top1['continue']:.2f}, more than 0.5 below the base's "
+                       f"{base_holdout:.2f}")
+    reasons += [f"{a} at {high:g} ends at {v:.2f} < 80" for a, v in top1.items() if v < 80]
+    return (low if reasons else high), reasons
 
 
 def run_finetune(paths: Dict[str, str], size: Size, work: Path, lr: float):
@@ -210,6 +236,25 @@ def measure(run_dir: str, cfg, summary) -> Dict[str, float]:
     out.update(branch_scores(run_dir, cfg, summary))
     out.update(swap_scores(run_dir, cfg, summary))
     return out
+
+
+def interval_row(values_a: Sequence[float], values_b: Sequence[float]) -> str:
+    """``mean [low, high]`` of the per-seed differences a − b (95 % t interval)."""
+    from fap.experiment.stats import paired
+
+    d = paired(values_a, values_b)
+    ci = d["interval"]
+    return f"{d['mean']:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (no interval)")
+
+
+def per_seed(results, arm: str, metric: str) -> List[float]:
+    return results.arm(arm, metric)["values"]
+
+
+def mean_ci(results, arm: str, metric: str) -> str:
+    s = results.arm(arm, metric)
+    ci = s["interval"]
+    return f"{s['mean']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 # ------------------------------------------------------------------------------------------
@@ -283,6 +328,22 @@ def layer_shift(model, clean, labels, null_images, *, epsilon: float, attack_bra
         s_adv = batch_statistics(model, adv)
         s_null = batch_statistics(model, null_images)
     return {"adversarial": shift(s_clean, s_adv), "null": shift(s_clean, s_null)}
+
+
+def plot_layers(curves: Dict[str, Dict[str, List[Dict[str, float]]]], axes) -> None:
+    """Per model (one colour): the adversarial shift (solid) and the null's (dashed) against
+    depth, for the mean (``axes[0]``) and the variance (``axes[1]``)."""
+    for k, (label, c) in enumerate(curves.items()):
+        for ax, key, title in ((axes[0], "mean_shift", "|Δ batch mean| / clean sd (median over channels)"),
+                               (axes[1], "log_var_ratio", "|log(batch var ratio)| (median over channels)")):
+            for kind, style in (("adversarial", "-"), ("null", "--")):
+                ys = [r[key] for r in c[kind]]
+                ax.plot(range(len(ys)), ys, style, color=f"C{k}", marker="o", ms=2,
+                        label=f"{label}: {'clean vs adversarial' if kind == 'adversarial' else 'null: clean vs clean'}")
+            ax.set_xlabel("BatchNorm layer (input to output)")
+            ax.set_ylabel(title, fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
 
 
 def val_images(paths: Dict[str, str], n: int, offset: int = 0):
