@@ -1,34 +1,39 @@
-"""The demo: does Fast AdvProp help on fap's built-in images? Vanilla and Fast AdvProp, 3 seeds, on a CPU.
+"""The demo: does Fast AdvProp help on real images, on a CPU? Vanilla and Fast AdvProp, 3 seeds, ~6 min.
 
     make demo
     # = .venv/bin/python recipes/demo.py
     python recipes/demo.py --seeds 0 --smoke    # two updates per run (what the tests run)
 
-It generates the demo dataset on first use (`fap.data.make_demo`: 10 classes of drawn
-shapes and textures in clutter, 48 x 48 px JPEGs, 5000 training and 1000 validation
-images in the ImageNet folder layout) and a corrupted copy of its validation split, then
-runs one `fap.experiment` (the same as ``fap compare``): two arms x three seeds at equal
-compute, with the paper's two columns (Mei et al., ICLR 2022, Table 1) declared before the
-runs as primary contrasts, Fast AdvProp minus vanilla on
+Fashion-MNIST (Xiao et al., 2017; Debian's ``dataset-fashion-mnist``, which ``make``
+installs) is converted on first use into ``data/fashion-mnist``: 3,840 training images
+(class-balanced) and all 10,000 test images as 32 px RGB PNGs (`fap data fashion-mnist`),
+plus a corrupted copy of the first 20 test images per class (200 images under the 15
+ImageNet-C corruptions at severities 1-5, `fap data corrupt`). Then one `fap.experiment`
+(the same as ``fap compare``): two arms x three seeds at **equal epochs** (AdvProp's
+protocol, Xie et al., CVPR 2020), both of the paper's columns (Mei et al., ICLR 2022,
+Table 1) declared before the runs as primary contrasts, Fast AdvProp minus vanilla on
 
-* clean top-1 on the 1000 validation images, and
-* the corruption error: the unnormalised mean top-1 error on a corrupted copy of the
-  validation set (200 images under the 15 ImageNet-C corruptions at severities 1-5, made
-  with `fap data corrupt` on first use and cached beside the data).
+* the corruption error: the unnormalised mean top-1 error on the corrupted copy, and
+* clean top-1 on the 10,000 test images.
 
-The arms, scaled down from the paper:
+Why this contrast, this protocol and these seeds: an earlier experiment on the same data and
+schedule (tutorial 02 before #25: 18 epochs, 3 seeds, ε = 8/255) found the corruption error
+lower with Fast AdvProp at equal epochs, and no clean gain. The demo repeats that experiment
+with seeds it did not use (10, 11, 12), so what it shows is a replication, not a choice made
+after seeing its own numbers. At equal compute the same earlier experiment did not resolve
+the corruption error: `fap compare --protocol equal-compute` asks that question.
 
-* vanilla: 12 epochs at a loader batch of 128;
-* Fast AdvProp: the same 128 clean images per step plus 32 for the adversarial split
-  (p_adv = 0.2, loader batch 160): 1.2x the image-passes per step, so 12 / 1.2 = 10
-  epochs (the methods' cost ledger, `fap.methods.matched_budget`), 1.0x vanilla's compute
-  over the run. Auxiliary BN statistics in groups of 16 give Shuffling BN two groups to mix
-  on one process.
+The arms: timm's ``test_resnet`` (0.37 M parameters, BatchNorm), AdamW at 4·10⁻³ per loader
+batch, cosine with half an epoch of warm-up, 18 epochs, random crops (area 0.8-1) and flips;
 
-The model is timm's ``test_resnet`` (0.37 M parameters, BatchNorm), AdamW, 40 px random
-crops and flips: of what we tried, what learns most in a few CPU minutes on these images.
-It prints the arms (mean ± sd and every seed, with training top-1 beside validation top-1:
-the regime) and the contrasts (per-seed differences, 95 % t interval, paired t-test, exact
+* vanilla: 128 images per step;
+* Fast AdvProp: the same 128 clean images plus 32 for the adversarial split (p_adv = 0.2,
+  loader batch 160), FGSM from a random start at ε = 8/255, auxiliary BN statistics in ghost
+  groups of 16 so that Shuffling BN has two groups to mix on one process: 1.2x vanilla's
+  compute.
+
+It prints the arms (mean ± sd and every seed, with training top-1 beside test top-1: the
+regime) and the contrasts (per-seed differences, 95 % t interval, paired t-test, exact
 McNemar on per-image outcomes, the smallest difference this design detects), and writes
 ``runs/demo/report.md``, ``results.json`` and ``results.png``. Started again, it reads back
 finished runs. The README ("Set-up") has the measured output and what it does and does not
@@ -41,31 +46,37 @@ import sys
 import fap
 import fap.cli
 import fap.experiment
-from fap.data import DataConfig, make_demo
+from fap.data import DataConfig
 from fap.evaluation.config import SuiteConfig
 from fap.experiment import Arm, Contrast
-from fap.methods import CONFIGS
+from fap.methods.config import CONFIGS
 
-VANILLA_EPOCHS, CLEAN_BATCH = 12, 128
+EPOCHS, CLEAN_BATCH, EPSILON = 18, 128, 8.0
+TRAIN_IMAGES = 3840            # Fashion-MNIST training images kept (class-balanced); the test set is whole
+DATA = "data/fashion-mnist"
 LOADER_WORKERS = 1
-# The corrupted copy: the first 20 validation images of each class (200), under the 15
-# ImageNet-C corruptions at 5 severities each (15,000 images, made once).
+# The corrupted copy: the first 20 test images of each class (200), under the 15 ImageNet-C
+# corruptions at 5 severities each (15,000 images, made once).
 CORRUPTED_PER_CLASS = 20
 
 
 def config(method: str) -> fap.TrainConfig:
-    """One arm's run; `fap.experiment` sets its epochs (equal compute), seed and run directory."""
+    """One arm's run; `fap.experiment` sets its epochs (equal epochs), seed and run directory."""
     method_cfg = CONFIGS[method]()
-    batch = round(CLEAN_BATCH / (1 - method_cfg.p_adv)) if method == "fast_advprop" else CLEAN_BATCH  # 160 = 128 + 32
+    batch = CLEAN_BATCH
+    if method == "fast_advprop":
+        method_cfg = dataclasses.replace(method_cfg, epsilon=EPSILON)
+        batch = round(CLEAN_BATCH / (1 - method_cfg.p_adv))  # 160 = 128 clean + 32 adversarial
     return fap.TrainConfig(
-        train=fap.RunSection(name=f"demo_{method}", epochs=VANILLA_EPOCHS, batch_size=batch),
-        data=DataConfig(source="demo", path="data/demo", image_size=40, crop_pct=40 / 48, scale=(0.6, 1.0),
-                        hflip=0.5, num_workers=LOADER_WORKERS),
+        train=fap.RunSection(name=f"demo_{method}", epochs=EPOCHS, batch_size=batch),
+        # 28x28 grey photos centred in 32x32 RGB PNGs; mild random crops (area 0.8-1) and flips
+        data=DataConfig(source="folder", path=DATA, image_size=32, crop_pct=1.0, scale=(0.8, 1.0), hflip=0.5,
+                        num_workers=LOADER_WORKERS),
         model=fap.ModelConfig(name="test_resnet", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                               dual_norm=method != "vanilla", aux_group_size=16 if method != "vanilla" else None),
         method=method_cfg,
-        # 2e-3 per 128 clean images: lr_base_size is the loader batch that holds them.
-        optim=fap.OptimConfig(opt="adamw", lr=2e-3, lr_base_size=batch, weight_decay=0.05),
+        # 4e-3 per loader batch (lr_base_size = the loader batch that holds the 128 clean images)
+        optim=fap.OptimConfig(opt="adamw", lr=4e-3, lr_base_size=batch, weight_decay=0.05),
         sched=fap.ScheduleConfig(sched="cosine", warmup_epochs=0.5, warmup_lr=1e-4),
         checkpoint=fap.CheckpointConfig(every_steps=0, every_epochs=1, keep=1),   # an interrupted demo resumes
         log=fap.LogConfig(every_steps=10, trackers=()),
@@ -88,16 +99,18 @@ def smoke(cfg: fap.TrainConfig) -> fap.TrainConfig:
 
 
 def corrupted_copy(data: DataConfig, corruptions=()) -> str:
-    """A small ImageNet-C-style copy of the validation split, made on first use and cached.
+    """A small ImageNet-C-style copy of the validation split, made on first use and cached
+    (with Fashion-MNIST itself, for the default ``data.path``).
 
     The first `CORRUPTED_PER_CLASS` images of each validation class are corrupted into
     ``<data.path>-<val_split>-c<N>`` by `fap data corrupt` (`fap.data.corrupt.make_corrupted`:
     every corruption at severities 1-5; it reuses a complete copy made with the same settings).
     """
     from fap.data.corrupt import make_corrupted
+    from fap.data.fashion_mnist import convert_fashion_mnist
 
-    if data.source == "demo":
-        make_demo(data.path)  # reuses a complete copy
+    if data.path == DATA:
+        convert_fashion_mnist(DATA, max_train=TRAIN_IMAGES)  # reuses a complete copy
     root = data.path.rstrip("/")
     return make_corrupted(os.path.join(root, data.val_split), f"{root}-{data.val_split}-c{CORRUPTED_PER_CLASS}",
                           corruptions=corruptions or None, per_class=CORRUPTED_PER_CLASS,
@@ -105,10 +118,10 @@ def corrupted_copy(data: DataConfig, corruptions=()) -> str:
 
 
 ARMS = (Arm("vanilla", ("--method", "vanilla")), Arm("fast_advprop", ("--method", "fast_advprop")))
-# Declared before the runs: the paper's two columns, clean top-1 and the corruption error.
-CONTRASTS = (Contrast("fast_advprop", "vanilla", "top1", primary=True),
-             Contrast("fast_advprop", "vanilla", "corruption_error", primary=True))
-SEEDS = (0, 1, 2)
+# Declared before the runs: the paper's two columns, the corruption error and clean top-1.
+CONTRASTS = (Contrast("fast_advprop", "vanilla", "corruption_error", primary=True),
+             Contrast("fast_advprop", "vanilla", "top1", primary=True))
+SEEDS = (10, 11, 12)  # not the seeds of the earlier experiment this one repeats
 
 
 def main(argv=None) -> int:
@@ -116,8 +129,8 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="recipes/demo.py", description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="default: 0 1 2")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="default: 10 11 12")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, the cores split between them (default: 2)")
     p.add_argument("--out", default="runs/demo", help="the experiment folder (default: runs/demo)")
     p.add_argument("--smoke", action="store_true", help="two updates per run on tiny images (the tests)")
     args, overrides = p.parse_known_args(argv)
@@ -127,9 +140,9 @@ def main(argv=None) -> int:
     data = fap.parse_args(base, [a for a in overrides if a.startswith("--data.")]).data
     corruptions = base.final_eval.corruptions
     corrupted = corrupted_copy(data, corruptions)
-    fap.experiment.run(config, ARMS, args.seeds, out=args.out, protocol="equal-compute", contrasts=CONTRASTS,
+    fap.experiment.run(config, ARMS, args.seeds, out=args.out, protocol="equal-epochs", contrasts=CONTRASTS,
                        overrides=[f"--final_eval.imagenet_c={corrupted}"] + overrides,
-                       smoke=smoke if args.smoke else None, epochs=2 if args.smoke else VANILLA_EPOCHS,
+                       smoke=smoke if args.smoke else None, epochs=2 if args.smoke else EPOCHS,
                        jobs=args.jobs, train_images=1000)
     print(f"\nreport: {args.out}/report.md, plot: {args.out}/results.png")
     return 0

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -76,18 +75,20 @@ def test_the_library_computes_the_numbers_the_notebooks_were_made_with():
     moved = compare(recorded, probe())
     assert not moved, (f"the library's numbers moved since the tutorials' outputs were made ({len(moved)} probes, e.g. "
                        f"{', '.join(moved[:4])}): re-run the notebooks with FAP_TUTORIAL_SIZE=full and commit them")
-    legacy = []
     for name in EXPECTED:
         stamped = _stamp_of(json.loads((TUTORIALS / name).read_text())).group(6)
-        if stamped is None:
-            legacy.append(name)
-            continue
+        assert stamped is not None, f"{name} carries no numerics fingerprint: re-run it with FAP_TUTORIAL_SIZE=full"
         assert stamped == fingerprint(recorded), (
             f"{name} was made with numerics {stamped}, tutorials/numerics.json holds {fingerprint(recorded)}: "
             "re-run it with FAP_TUTORIAL_SIZE=full")
-    if legacy:  # stamped before numerics fingerprints existed: their library can no longer be checked
-        warnings.warn(f"{', '.join(legacy)}: made before numerics fingerprints; re-run them with FAP_TUTORIAL_SIZE=full "
-                      "so that their numbers can be checked", UserWarning)
+
+
+def test_02_opens_with_its_verdict_then_the_plan_committed_before_its_runs():
+    """#25: the verdict comes first, then the plan exactly as committed in ``plans/``."""
+    nb = json.loads((TUTORIALS / "02_disentangled_learning.ipynb").read_text())
+    md = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
+    assert md[1].startswith("## Verdict")
+    assert md[2] == (TUTORIALS / "plans" / "02_disentangled_learning.md").read_text().strip("\n")
 
 
 @pytest.mark.slow
