@@ -20,12 +20,12 @@ import pytest
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(p.name for p in TUTORIALS.glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["01_quickstart.ipynb", "02_disentangled_learning.ipynb", "03_cost_anatomy.ipynb",
-            "04_scaling_out.ipynb", "05_data_pipelines.ipynb"]
+            "04_scaling_out.ipynb", "05_data_pipelines.ipynb", "06_from_scratch.ipynb"]
 STAMP = re.compile(r"fap (\S+) \| commit (\S+) \| size (\w+) \| code ([0-9a-f]{16}) \| library ([0-9a-f]{16})"
                    r"(?: \| numerics ([0-9a-f]{16}))?")
 
 
-def test_all_five_tutorials_exist():
+def test_all_six_tutorials_exist():
     assert NOTEBOOKS == EXPECTED
 
 
@@ -83,12 +83,13 @@ def test_the_library_computes_the_numbers_the_notebooks_were_made_with():
             "re-run it with FAP_TUTORIAL_SIZE=full")
 
 
-def test_02_opens_with_its_verdict_then_the_plan_committed_before_its_runs():
+@pytest.mark.parametrize("name", ["02_disentangled_learning", "06_from_scratch"])
+def test_experiments_open_with_their_verdict_then_the_plan_committed_before_their_runs(name):
     """#25: the verdict comes first, then the plan exactly as committed in ``plans/``."""
-    nb = json.loads((TUTORIALS / "02_disentangled_learning.ipynb").read_text())
+    nb = json.loads((TUTORIALS / f"{name}.ipynb").read_text())
     md = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
     assert md[1].startswith("## Verdict")
-    assert md[2] == (TUTORIALS / "plans" / "02_disentangled_learning.md").read_text().strip("\n")
+    assert md[2] == (TUTORIALS / "plans" / f"{name}.md").read_text().strip("\n")
 
 
 @pytest.mark.slow
