@@ -175,7 +175,7 @@ def test_the_report_shows_an_interaction_with_mcnemar_not_applicable(tmp_path):
     # the plot's contrast panel labels it with both differences
     from fap.experiment.plot import contrast_label
 
-    assert contrast_label(saved["contrasts"][1]) == "(dual24 − mixed24)\n− (dual2 − mixed2)\n(secondary)"
+    assert contrast_label(saved["contrasts"][1]) == "(dual24 − mixed24) − (dual2 − mixed2) (secondary)"
     assert (tmp_path / "exp" / "results.png").stat().st_size > 0
 
 

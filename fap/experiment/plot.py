@@ -28,7 +28,10 @@ def plot_results(results, path: Path) -> Optional[Path]:
     metrics = results.metrics()
     contrasts = results.contrasts
     rows = 2 if contrasts else 1
-    fig, axes = plt.subplots(rows, len(metrics), figsize=(4.2 * len(metrics), 3.6 * rows), squeeze=False)
+    # each metric's column as wide as its arms or its contrasts need, so that no labels collide
+    widths = [max(3, len(results.arms), sum(c["metric"] == m for c in contrasts)) for m in metrics]
+    fig, axes = plt.subplots(rows, len(metrics), figsize=(0.62 * sum(widths) + 1.3 * len(metrics), 4.4 * rows),
+                             squeeze=False, gridspec_kw={"width_ratios": widths})
     for j, metric in enumerate(metrics):
         _arms_panel(axes[0][j], results, metric, title(metric), lower_is_better(metric))
         if contrasts:
@@ -68,7 +71,8 @@ def _contrast_panel(ax, contrasts, title: str) -> None:
         labels.append(contrast_label(c))
     if not contrasts:
         ax.text(0.5, 0.5, "no contrast on this metric", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xticks(range(len(contrasts)), labels, fontsize=7)
+    ax.set_xticks(range(len(contrasts)), labels, fontsize=7, rotation=30 if len(contrasts) > 2 else 0,
+                  ha="right" if len(contrasts) > 2 else "center")
     ax.set_xlim(-0.6, max(1, len(contrasts)) - 0.4)
     ax.set_ylabel(f"difference in {title}")
     ax.set_title("paired differences: seeds, mean, interval (red: resolved)", fontsize=9)
@@ -76,6 +80,6 @@ def _contrast_panel(ax, contrasts, title: str) -> None:
 
 
 def contrast_label(c) -> str:
-    """A contrast's tick label: ``A − B`` (an interaction's two differences on two lines), then its role."""
-    label = f"({c['a']} − {c['b']})\n− ({c['c']} − {c['d']})" if c.get("c") else f"{c['a']} − {c['b']}"
-    return f"{label}\n({'primary' if c['primary'] else 'secondary'})"
+    """A contrast's tick label: ``A − B`` or ``(A − B) − (C − D)``, then its role."""
+    label = f"({c['a']} − {c['b']}) − ({c['c']} − {c['d']})" if c.get("c") else f"{c['a']} − {c['b']}"
+    return f"{label} ({'primary' if c['primary'] else 'secondary'})"
