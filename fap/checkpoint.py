@@ -65,6 +65,8 @@ from fap.checks import CheckpointError, import_extra  # the error is defined tor
 
 __all__ = [
     "MARKER",
+    "WRAPPER_PREFIXES",
+    "bare_key",
     "FORMAT",
     "TrainState",
     "CheckpointError",
@@ -440,6 +442,22 @@ def _consolidate_sharded(path: Path) -> Dict[str, torch.Tensor]:
         out = Path(tmp) / "model.pt"
         dcp_to_torch_save(str(path / FSDP2_MODEL), str(out))
         return safe_torch_load(out)
+
+
+#: What wrappers put before a network's own parameter names: DDP's ``module.``, torch.compile's
+#: ``_orig_mod.`` and `fap.models.PixelModel`'s (and the detector's) ``net.``.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")
+
+
+def bare_key(key: str) -> str:
+    """``key`` without the wrappers' leading `WRAPPER_PREFIXES`, in any order and number."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
 
 
 def list_checkpoints(run_dir: os.PathLike) -> List[Path]:

@@ -31,14 +31,13 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from fap.checkpoint import MARKER, CheckpointError, load_checkpoint_weights, resolve_resume
+from fap.checkpoint import MARKER, CheckpointError, bare_key, load_checkpoint_weights, resolve_resume
 from fap.checks import ConfigError
 from fap.norm import copy_main_to_aux, has_dual_norm, strip_aux
 
 __all__ = ["INIT_KEY", "resolve_init", "read_init_weights", "init_model"]
 
 INIT_KEY = "model.init_from"
-_PREFIXES = ("module.", "_orig_mod.", "net.")
 _WEIGHTS = "model.safetensors"  # an export directory's weights (timm's save_for_hf)
 _SHOW = 3  # offending keys named per kind of mismatch
 
@@ -81,7 +80,7 @@ def read_init_weights(path: Path, *, key: str = INIT_KEY) -> Dict[str, torch.Ten
         raise ConfigError(f"{key}: {e}") from None
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise ConfigError(f"{key}: {path} cannot be read ({type(e).__name__}: {e}); is it damaged?") from None
-    return {_bare(k): v for k, v in sd.items()}
+    return {bare_key(k): v for k, v in sd.items()}
 
 
 def init_model(model: nn.Module, path: Path, *, key: str = INIT_KEY) -> str:
@@ -96,7 +95,7 @@ def init_model(model: nn.Module, path: Path, *, key: str = INIT_KEY) -> str:
     """
     source = read_init_weights(path, key=key)
     own = model.state_dict()
-    names = {_bare(k): k for k in own}  # bare key -> the model's own key
+    names = {bare_key(k): k for k in own}  # bare key -> the model's own key
     target = {b: own[k] for b, k in names.items()}
     source_dual, target_dual = _is_dual(source), has_dual_norm(model)
     if source_dual and not target_dual:
@@ -115,17 +114,6 @@ def init_model(model: nn.Module, path: Path, *, key: str = INIT_KEY) -> str:
     note = ("aux norms copied from main" if copy_aux else "aux norms as stored" if target_dual
             else "main norms; its aux norms left out" if source_dual else "")
     return f"initialised from {path}" + (f" ({note})" if note else "")
-
-
-def _bare(key: str) -> str:
-    """``key`` without the wrappers' leading prefixes (``net.``, ``module.``, ``_orig_mod.``), in any order."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
 
 
 def _is_dual(state_dict: Dict[str, torch.Tensor]) -> bool:

@@ -31,7 +31,6 @@ __all__ = ["LoadedModel", "WeightsError", "load_model", "recorded_task", "wrap_m
 
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
-_PREFIXES = ("module.", "_orig_mod.", "net.")
 
 
 class WeightsError(ValueError):
@@ -276,16 +275,9 @@ def _build(
 
 
 def _strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
+    from fap.checkpoint import bare_key
+
+    return {bare_key(k): v for k, v in state_dict.items()}
 
 
 def check_fits(
