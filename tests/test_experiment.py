@@ -179,6 +179,24 @@ def test_the_report_shows_an_interaction_with_mcnemar_not_applicable(tmp_path):
     assert (tmp_path / "exp" / "results.png").stat().st_size > 0
 
 
+def test_writing_the_figure_leaves_the_callers_matplotlib_backend_and_figures_alone(tmp_path):
+    """A notebook's inline backend survives `Results.write` (it used to be switched to Agg,
+    after which the notebook's own plt.show() displayed nothing)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")  # any backend but Agg stands in for the notebook's
+    try:
+        open_figures = plt.get_fignums()
+        _results(tmp_path, [Contrast("dual24", "mixed24", "top1", primary=True)]).write()
+        assert (tmp_path / "exp" / "results.png").stat().st_size > 0
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == open_figures
+    finally:
+        matplotlib.use(previous)
+
+
 def test_an_arm_without_a_metric_other_arms_have_gets_a_dash_in_the_arm_table(tmp_path):
     results = _results(tmp_path, [INTERACTION], extra=lambda arm, seed: {"pgd_top1": 40.0 + seed} if
                        arm.startswith("dual") else {})

@@ -15,13 +15,14 @@ __all__ = ["plot_results", "contrast_label"]
 
 
 def plot_results(results, path: Path) -> Optional[Path]:
-    """Save the figure to ``path`` (PNG); None when matplotlib is not installed."""
+    """Save the figure to ``path`` (PNG); None when matplotlib is not installed.
+
+    Drawn on a bare `matplotlib.figure.Figure`, not through pyplot: the caller's backend (a
+    notebook's inline one) is left as it is, and no figure is left open."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from fap.experiment.metrics import lower_is_better, title
 
@@ -30,15 +31,14 @@ def plot_results(results, path: Path) -> Optional[Path]:
     rows = 2 if contrasts else 1
     # each metric's column as wide as its arms or its contrasts need, so that no labels collide
     widths = [max(3, len(results.arms), sum(c["metric"] == m for c in contrasts)) for m in metrics]
-    fig, axes = plt.subplots(rows, len(metrics), figsize=(0.62 * sum(widths) + 1.3 * len(metrics), 4.4 * rows),
-                             squeeze=False, gridspec_kw={"width_ratios": widths})
+    fig = Figure(figsize=(0.62 * sum(widths) + 1.3 * len(metrics), 4.4 * rows))
+    axes = fig.subplots(rows, len(metrics), squeeze=False, gridspec_kw={"width_ratios": widths})
     for j, metric in enumerate(metrics):
         _arms_panel(axes[0][j], results, metric, title(metric), lower_is_better(metric))
         if contrasts:
             _contrast_panel(axes[1][j], [c for c in contrasts if c["metric"] == metric], title(metric))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
 
 
