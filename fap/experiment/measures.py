@@ -36,7 +36,7 @@ def branch_scores(run_dir: str, cfg, summary) -> Dict[str, float]:
     from fap.evaluation.suite import evaluate_model
     from fap.evaluation.config import SuiteConfig
 
-    if not cfg.model.dual_norm or getattr(cfg.method, "norms", "dual") != "dual":
+    if not _is_dual(cfg):
         return {}
     eps = float(getattr(cfg.method, "epsilon", 0.0)) or 1.0
     suite = SuiteConfig(clean=True, pgd_steps=1, pgd_epsilon=eps, pgd_step=eps, pgd_random_init_prob=1.0,

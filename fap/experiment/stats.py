@@ -173,21 +173,20 @@ def analyse(contrasts, values, per_image, *, alpha: float = ALPHA) -> List[Dict]
             pa, pb = per_image.get((c.a, c.metric), {}), per_image.get((c.b, c.metric), {})
             both = [s for s in seeds if s in pa and s in pb]
             row["mcnemar"] = mcnemar([(pa[s], pb[s]) for s in both]) if both else None
-        rows.append((c, row))
-    secondary = [(c, r) for c, r in rows if not r["primary"] and r["p"] is not None]
-    for (c, r), h in zip(secondary, holm([r["p"] for _, r in secondary], alpha=alpha)):
+        rows.append((row, x, y))
+    secondary = [(r, x, y) for r, x, y in rows if not r["primary"] and r["p"] is not None]
+    for (r, x, y), h in zip(secondary, holm([r["p"] for r, _, _ in secondary], alpha=alpha)):
         r["holm"] = h
-        _, x, y = sides(c, values)
         again = paired(x, y, level=1 - h["alpha"])
         r.update(level=again["level"], interval=again["interval"], detectable=again["detectable"])
-    for _, r in rows:
+    for r, _, _ in rows:
         if r["p"] is None:
             r["resolved"] = False
         elif r["primary"]:
             r["resolved"] = r["p"] < alpha and not _straddles(r["interval"])
         else:
             r["resolved"] = r["holm"]["rejected"] and not _straddles(r["interval"])
-    return [r for _, r in rows]
+    return [r for r, _, _ in rows]
 
 
 def _straddles(interval: Tuple[float, float]) -> bool:
