@@ -27,6 +27,11 @@ from fap.evaluation.config import SuiteConfig
 from fap.experiment import Arm, Contrast
 from fap.methods.config import CONFIGS
 
+# Without a GPU, tell DeepSpeed's import (through accelerate, when a model is evaluated here)
+# that it runs on the CPU, instead of a warning in the outputs that it guessed so.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 MODEL = dict(name="test_resnet", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 BASE_LR = 4e-3          # the base's AdamW peak, per 128 images (pilots/02_schedule.md)
 FINETUNE_LRS = (1e-3, 3e-3)   # the held-out pilot chooses between them (pilots/02_finetune.md)
@@ -56,7 +61,7 @@ SIZES = {
                  seeds=(0, 1, 2, 3, 4, 5), base_epochs=36, long_epochs=72, finetune_epochs=4, layer_images=512,
                  branch_images=1000, jobs=2),
     "ci": Size(train_images=160, holdout_images=100, val_images=100, corrupted_per_class=1, seeds=(0, 1),
-               base_epochs=2, long_epochs=3, finetune_epochs=1, layer_images=32, branch_images=20, jobs=1,
+               base_epochs=2, long_epochs=3, finetune_epochs=1, layer_images=32, branch_images=20, jobs=2,
                max_steps=2),
 }
 

@@ -38,7 +38,7 @@ class Size:
 
 SIZES = {
     "full": Size(epochs=12, seeds_b=tuple(range(8)), seeds=(0, 1, 2, 3), jobs=2),
-    "ci": Size(epochs=1, seeds_b=(0,), seeds=(0,), jobs=1, max_steps=2),
+    "ci": Size(epochs=1, seeds_b=(0,), seeds=(0,), jobs=2, max_steps=2),
 }
 
 
