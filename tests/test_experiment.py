@@ -197,6 +197,15 @@ def test_writing_the_figure_leaves_the_callers_matplotlib_backend_and_figures_al
         matplotlib.use(previous)
 
 
+@pytest.mark.parametrize("p, shown", [(0.04950931, "0.0495"), (0.0499999, "0.0499999"), (0.0504, "0.05"),
+                                      (0.072, "0.072"), (0.011244, "0.011"), (3e-5, "3.0e-05")])
+def test_a_p_value_is_never_printed_on_the_other_side_of_the_level(p, shown):
+    """The demo's corruption-error contrast (p 0.0495, resolved) used to print as p 0.05."""
+    from fap.experiment.report import _p
+
+    assert _p(p) == shown
+
+
 def test_an_arm_without_a_metric_other_arms_have_gets_a_dash_in_the_arm_table(tmp_path):
     results = _results(tmp_path, [INTERACTION], extra=lambda arm, seed: {"pgd_top1": 40.0 + seed} if
                        arm.startswith("dual") else {})

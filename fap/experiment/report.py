@@ -209,7 +209,15 @@ def _mean_sd(s: Dict[str, Any]) -> str:
 
 
 def _p(p: float) -> str:
-    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+    """Two significant digits, or as many more as keep the printed value on the same side of
+    the level `ALPHA` as the value itself (0.0495 prints as 0.0495, not as 0.05)."""
+    if p < 1e-4:
+        return f"{p:.1e}"
+    for digits in range(2, 7):
+        text = f"{p:.{digits}g}"
+        if (float(text) < ALPHA) == (p < ALPHA):
+            return text
+    return repr(p)
 
 
 def _jsonable(value: Any) -> Any:
